@@ -1,0 +1,418 @@
+"""The contract between the oodbench core and its plugins.
+
+Plugins import from this module and from nothing else in the core. It holds
+
+* the value types a plugin receives (``ImageSet``, ``SplitView``, ``FitContext``,
+  ``Holdout``, ``DatasetContext``) and the ``ClassifierHandle`` through which plugins
+  run the classifier (so every forward/backward pass is batched and counted);
+* the base classes a plugin subclasses (``Dataset``, ``Model``, ``Attack``, ``Detector``).
+
+Conventions shared by every plugin:
+
+* Images are NCHW in **[0, 1] pixel space**, either ``uint8`` (value / 255) or ``float32``.
+  A classifier normalises its input itself, so attack and input-preprocessing step sizes
+  (FGSM/BIM eps, ODIN eps) are always in pixel units, as in the ODIN authors' code.
+* A detector's score is one float per input, **higher = more trustworthy**
+  (in-distribution, clean, correctly classified). In every metric the trustworthy
+  inputs are the positives.
+* Plugin options are keyword-only ``__init__`` arguments with defaults; the core validates
+  user options against that signature and records the resolved values in every result row.
+  Every random choice takes the ``seed`` the core passes in.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+import numpy as np
+import torch
+
+#: What a detector may declare in ``Detector.needs``.
+NEEDS = frozenset({"logits", "features", "labels", "images", "gradients"})
+
+
+class PluginError(Exception):
+    """A plugin could not do its job; the message says why and is shown to the user as is."""
+
+
+class MissingDataError(PluginError):
+    """Data a dataset plugin needs is not on disk; the message names the file and where."""
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ImageSet:
+    """A set of images, NCHW in [0, 1] pixel space (``uint8`` means value/255), with optional labels.
+
+    ``name`` says what the images are (shown in errors); ``num_classes`` is set by
+    in-distribution datasets.
+    """
+
+    x: np.ndarray
+    y: np.ndarray | None = None
+    name: str = "images"
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 4:
+            raise PluginError(f"{self.name}: images must be NCHW, got shape {self.x.shape}")
+        if self.x.dtype not in (np.uint8, np.float32):
+            raise PluginError(f"{self.name}: images must be uint8 or float32, got {self.x.dtype}")
+        if self.y is not None and len(self.y) != len(self.x):
+            raise PluginError(f"{self.name}: {len(self.x)} images but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x.shape[1:])  # type: ignore[return-value]
+
+    def tensor(self, index: slice | np.ndarray = slice(None)) -> torch.Tensor:
+        """Images ``index`` as a float32 tensor in [0, 1]."""
+        batch = torch.from_numpy(np.ascontiguousarray(self.x[index]))
+        if batch.dtype == torch.uint8:
+            return batch.float().div_(255.0)
+        return batch
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for start in range(0, len(self), batch_size):
+            yield self.tensor(slice(start, start + batch_size))
+
+    def subset(self, index: np.ndarray) -> "ImageSet":
+        return ImageSet(self.x[index], None if self.y is None else self.y[index], self.name, self.num_classes)
+
+    @property
+    def key(self) -> str:
+        """Content hash: two sets with the same pixels and labels share cached results."""
+        cached = self.__dict__.get("_key")
+        if cached is None:
+            h = hashlib.sha256()
+            h.update(str((self.x.shape, self.x.dtype.str)).encode())
+            h.update(np.ascontiguousarray(self.x).data)
+            if self.y is not None:
+                h.update(np.ascontiguousarray(self.y.astype(np.int64)).data)
+            cached = h.hexdigest()[:20]
+            object.__setattr__(self, "_key", cached)
+        return cached
+
+
+@dataclass(frozen=True)
+class DatasetContext:
+    """What the core tells a dataset plugin when it asks for images.
+
+    ``split``: ``"train"``, ``"val"`` or ``"test"`` for an in-distribution dataset; always
+    ``"test"`` when the dataset is a failure source. ``image_shape``: the in-distribution
+    (C, H, W) that an out-of-distribution set must be converted to (``None`` when loading the
+    in-distribution data itself). ``size``: how many images a synthetic set should make
+    (the in-distribution test size). ``in_distribution(split)`` loads the in-distribution
+    split, for sets derived from it (flips, held-out classes).
+    """
+
+    split: str
+    seed: int
+    data_dir: Path
+    image_shape: tuple[int, int, int] | None = None
+    size: int | None = None
+    in_distribution: Callable[[str], ImageSet] | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Running the classifier
+# --------------------------------------------------------------------------------------
+class ClassifierHandle:
+    """The trained classifier as plugins use it: batched, on the run's device, passes counted.
+
+    The wrapped network maps [0, 1] images to logits and must provide
+    ``forward_features(x) -> (logits, penultimate_features)``.
+    """
+
+    def __init__(self, network: torch.nn.Module, device: torch.device, batch_size: int = 512):
+        self.network = network.to(device).eval()
+        self.device = device
+        self.batch_size = batch_size
+        #: images pushed through the network, by kind of pass and by what the runner is doing
+        self.passes: dict[str, dict[str, int]] = {}
+        self._activity = "other"
+
+    def count(self, kind: str, n: int) -> None:
+        per_activity = self.passes.setdefault(self._activity, {"forward": 0, "forward_backward": 0})
+        per_activity[kind] += n
+
+    def activity(self, name: str) -> "_Activity":
+        """Attribute passes made inside the ``with`` block to ``name`` (e.g. ``extract:test``)."""
+        return _Activity(self, name)
+
+    @torch.inference_mode()
+    def outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, penultimate features) of a batch of [0, 1] images, on CPU, float32."""
+        logits, feats = [], []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size].to(self.device, non_blocking=True)
+            out, feat = self.network.forward_features(chunk)
+            self.count("forward", len(chunk))
+            logits.append(out.float().cpu())
+            feats.append(feat.float().flatten(1).cpu())
+        if not logits:
+            return torch.empty(0), torch.empty(0)
+        return torch.cat(logits), torch.cat(feats)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.outputs(images)[0]
+
+    def input_gradient(
+        self,
+        images: torch.Tensor,
+        objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """d objective / d images for a batch, one forward+backward per image.
+
+        ``objective(logits, features)`` returns one value per image; images do not interact,
+        so the gradient of the sum is each image's own gradient. Returned on CPU.
+        """
+        grads = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size].to(self.device).detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits, feats = self.network.forward_features(chunk)
+                value = objective(logits, feats.flatten(1))
+                (grad,) = torch.autograd.grad(value.sum(), chunk)
+            self.count("forward_backward", len(chunk))
+            grads.append(grad.cpu())
+        return torch.cat(grads) if grads else torch.empty(0)
+
+
+class _Activity:
+    def __init__(self, handle: ClassifierHandle, name: str):
+        self.handle, self.name, self.previous = handle, name, None
+
+    def __enter__(self) -> ClassifierHandle:
+        self.previous, self.handle._activity = self.handle._activity, self.name
+        return self.handle
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle._activity = self.previous
+
+
+# --------------------------------------------------------------------------------------
+# What detectors see
+# --------------------------------------------------------------------------------------
+class SplitView:
+    """One set of inputs as a detector sees it: cached classifier outputs, and access on demand.
+
+    ``logits`` (N x C) and ``features`` (N x D, penultimate layer) are float32 NumPy arrays
+    computed once per (model, data) and shared by every detector. ``labels`` exist only on the
+    in-distribution fit splits and only for detectors that declare ``"labels"``; ``images``
+    only for detectors that declare ``"images"`` or ``"gradients"``. Asking for what was not
+    declared raises, so the contract is enforced, not just documented.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        logits: np.ndarray,
+        features: np.ndarray,
+        images: ImageSet,
+        labels: np.ndarray | None = None,
+        allowed: frozenset[str] = NEEDS,
+        key: str = "",
+    ):
+        self.name = name
+        #: content key of (classifier, inputs); the core uses it to cache scores
+        self.key = key
+        self._logits, self._features, self._images, self._labels = logits, features, images, labels
+        self._allowed = allowed
+
+    def __len__(self) -> int:
+        return len(self._logits)
+
+    def _check(self, need: str) -> None:
+        if need not in self._allowed:
+            raise PluginError(f"detector read '{need}' of {self.name} without declaring it in Detector.needs")
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self._logits
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self._logits.argmax(1)
+
+    @property
+    def features(self) -> np.ndarray:
+        self._check("features")
+        return self._features
+
+    @property
+    def labels(self) -> np.ndarray:
+        self._check("labels")
+        if self._labels is None:
+            raise PluginError(f"{self.name} has no labels (only in-distribution fit splits do)")
+        return self._labels
+
+    @property
+    def images(self) -> ImageSet:
+        if not ({"images", "gradients"} & self._allowed):
+            self._check("images")
+        return self._images
+
+    def subset(self, index: np.ndarray, name: str | None = None) -> "SplitView":
+        return SplitView(
+            name or self.name,
+            self._logits[index],
+            self._features[index],
+            self._images.subset(index),
+            None if self._labels is None else self._labels[index],
+            self._allowed,
+            _subset_key(self.key, index),
+        )
+
+    def restricted(self, allowed: frozenset[str]) -> "SplitView":
+        labels = self._labels if "labels" in allowed else None
+        return SplitView(self.name, self._logits, self._features, self._images, labels, allowed, self.key)
+
+
+def _subset_key(key: str, index: np.ndarray) -> str:
+    if not key:
+        return ""
+    digest = hashlib.sha256(np.ascontiguousarray(np.asarray(index, dtype=np.int64)).data).hexdigest()[:12]
+    return f"{key}[{digest}]"
+
+
+@dataclass
+class FitContext:
+    """What ``Detector.fit`` receives: in-distribution data and the classifier, nothing else.
+
+    ``train`` and ``val`` are the in-distribution training and validation splits;
+    ``model`` is available to detectors that declare ``"gradients"`` (else ``None``).
+    """
+
+    train: SplitView
+    val: SplitView
+    num_classes: int
+    seed: int
+    device: torch.device
+    model: ClassifierHandle | None = None
+    progress: Callable[[str], None] = field(default=lambda message: None)
+
+
+@dataclass
+class Holdout:
+    """Held-out samples of one failure source, for detectors whose paper tunes on them (ODIN).
+
+    ``positives``: trustworthy inputs (in-distribution / clean / correctly classified);
+    ``negatives``: the source's failures. These inputs are excluded from evaluation for
+    every detector, so all rows of a source are measured on the same inputs.
+    """
+
+    source: str
+    positives: SplitView
+    negatives: SplitView
+
+
+# --------------------------------------------------------------------------------------
+# Plugin base classes
+# --------------------------------------------------------------------------------------
+class Plugin:
+    """Common to all plugins: a registry name, a version that enters cache keys, a summary.
+
+    The first line of the class docstring is the one-line description ``oodbench list`` shows.
+    Bump ``version`` whenever a change alters results, so cached outputs are not reused.
+    """
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+
+
+class Dataset(Plugin):
+    """A source of images. ``load`` returns one split as an ``ImageSet``.
+
+    In-distribution datasets provide ``"train"``, ``"val"`` and ``"test"`` with labels and
+    ``num_classes``. Out-of-distribution datasets are asked for ``"test"`` and must convert
+    their images to ``ctx.image_shape`` (document how in the class docstring).
+    """
+
+    splits: ClassVar[tuple[str, ...]] = ("test",)
+
+    def load(self, ctx: DatasetContext) -> ImageSet:
+        raise NotImplementedError
+
+
+class Model(Plugin):
+    """A classifier: an architecture, and either a training recipe or a checkpoint.
+
+    ``build`` returns an ``nn.Module`` mapping [0, 1] images to logits, with
+    ``forward_features(x) -> (logits, penultimate)``; input normalisation lives inside it.
+    ``train`` fits it in place (skipped when ``trainable`` is False: ``build`` then loads
+    the weights). The core caches the trained weights.
+    """
+
+    trainable: ClassVar[bool] = True
+
+    def build(self, image_shape: tuple[int, int, int], num_classes: int, seed: int) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def train(
+        self,
+        network: torch.nn.Module,
+        train: ImageSet,
+        val: ImageSet,
+        seed: int,
+        device: torch.device,
+        progress: Callable[[str], None],
+    ) -> None:
+        raise NotImplementedError
+
+
+class Attack(Plugin):
+    """An adversarial attack in [0, 1] pixel space (L-inf unless documented otherwise).
+
+    ``perturb`` returns adversarial versions of ``images`` (float32, clipped to [0, 1]) for
+    true ``labels`` and budget ``eps``, using only ``model`` to query the classifier.
+    """
+
+    def perturb(
+        self,
+        model: ClassifierHandle,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        eps: float,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Detector(Plugin):
+    """A failure detector: fit on in-distribution data, then one score per input.
+
+    Score direction: **higher = more trustworthy**. Class attributes:
+
+    * ``needs``: subset of ``NEEDS`` the detector reads. ``"labels"``: labels of the fit
+      splits; ``"features"``: penultimate features; ``"images"``: raw inputs;
+      ``"gradients"``: the classifier itself (``FitContext.model``) for input gradients.
+    * ``tunes_on_source``: the paper tunes hyperparameters on held-out samples of each
+      failure source (ODIN). The core then calls ``tune(holdout)`` before scoring a source,
+      and the result rows say so.
+    """
+
+    needs: ClassVar[frozenset[str]] = frozenset({"logits"})
+    tunes_on_source: ClassVar[bool] = False
+
+    def fit(self, ctx: FitContext) -> None:
+        """Learn from in-distribution data only. Default: nothing to learn."""
+
+    def tune(self, holdout: Holdout) -> dict[str, Any]:
+        """Choose hyperparameters on held-out source samples; return the choice (recorded)."""
+        raise NotImplementedError
+
+    def score(self, view: SplitView) -> np.ndarray:
+        """One float per input of ``view``; higher = more trustworthy."""
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, Any]:
+        """Facts about the fitted detector worth recording in run.json (JSON-serialisable)."""
+        return {}

@@ -1,0 +1,214 @@
+"""The ``oodbench`` command: parse, call the core, print. No logic of its own."""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+EXIT_USAGE = 2
+
+
+def parse_detectors(text: str) -> list[Any]:
+    """``"gmm[k=10,tol=1e-4],odin"`` -> DetectorSpecs. Values are Python literals, else strings."""
+    from .runner import DetectorSpec
+
+    specs, depth, current = [], 0, ""
+    for char in text + ",":
+        if char == "," and depth == 0:
+            item = current.strip()
+            current = ""
+            if not item:
+                continue
+            name, _, rest = item.partition("[")
+            options: dict[str, Any] = {}
+            if rest:
+                if not rest.endswith("]"):
+                    raise ValueError(f"detector '{item}': options must end with ']'")
+                for pair in _split_top(rest[:-1]):
+                    key, eq, value = pair.partition("=")
+                    if not eq or not key.strip():
+                        raise ValueError(f"detector '{item}': expected key=value, got '{pair}'")
+                    options[key.strip()] = _literal(value.strip())
+            label = name.strip() + ("[" + ",".join(f"{k}={options[k]}" for k in sorted(options)) + "]" if options else "")
+            specs.append(DetectorSpec(label, name.strip(), options))
+            continue
+        depth += {"[": 1, "]": -1, "(": 1, ")": -1}.get(char, 0)
+        current += char
+    return specs
+
+
+def _split_top(text: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in text + ",":
+        if char == "," and depth == 0:
+            if current.strip():
+                parts.append(current.strip())
+            current = ""
+            continue
+        depth += {"[": 1, "]": -1, "(": 1, ")": -1}.get(char, 0)
+        current += char
+    return parts
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _registry(args: argparse.Namespace):
+    from .plugins import build_registry
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        registry = build_registry(strict=args.strict_plugins or None)
+    for problem in registry.problems:
+        print(f"oodbench: warning: {problem}", file=sys.stderr)
+    del caught
+    return registry
+
+
+def _find_benchmark(registry, name_or_path: str | None):
+    from .benchmark import load_benchmark
+
+    if name_or_path and (name_or_path.endswith(".toml") or os.sep in name_or_path):
+        return load_benchmark(Path(name_or_path))
+    if name_or_path is None:
+        for name in registry.names("benchmarks"):
+            bench = load_benchmark(registry.get("benchmarks", name).target)
+            if bench.default:
+                return bench
+        raise ValueError("no default benchmark installed; name one with --benchmark")
+    return load_benchmark(registry.get("benchmarks", name_or_path).target)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .cache import default_cache_dir
+    from .leaderboard import pivot_table, results_frame, write_run
+    from .runner import RunOptions, choose_device, run_benchmark
+
+    registry = _registry(args)
+    bench = _find_benchmark(registry, args.benchmark)
+    specs = parse_detectors(args.detectors) if args.detectors else parse_detectors(",".join(registry.names("detectors")))
+    if not specs:
+        raise ValueError("no detectors to run")
+    n_seeds = args.seeds or bench.seeds
+    out = Path(args.out or Path("oodbench-results") / bench.name)
+    opts = RunOptions(
+        benchmark=bench, detectors=specs, seeds=list(range(args.first_seed, args.first_seed + n_seeds)),
+        cache_dir=None if args.no_cache else Path(args.cache_dir or default_cache_dir()),
+        data_dir=Path(args.data_dir).expanduser(), device=choose_device(args.device),
+        batch_size=args.batch_size, progress=not args.quiet,
+    )
+    result = run_benchmark(opts, registry)
+    files = write_run(out, result.rows, result.timings, result.meta)
+    frame = results_frame(result.rows)
+    if not args.quiet:
+        accuracy = ", ".join(f"{m['test_accuracy']:.3f}" for m in result.meta["per_seed"])
+        print(f"{bench.name}: {bench.model.plugin}, test accuracy {accuracy}; "
+              f"{len(specs)} detectors x {frame['source'].nunique()} sources x {n_seeds} seed(s); "
+              f"{result.meta['wall_seconds']:.1f} s")
+        print(f"\n{args.metric} (mean ± std over seeds; best per source in bold)\n")
+        print(pivot_table(frame, args.metric))
+    errors = frame[frame["status"] != "ok"]
+    for _, row in errors.drop_duplicates(["detector", "error"]).iterrows():
+        print(f"oodbench: {row['detector']} on {row['source']} (seed {row['seed']}): {row['error']}", file=sys.stderr)
+    print(f"\nwrote {files['results']} and {files['summary']} ({len(frame)} rows, {len(errors)} errors)")
+    return 1 if (args.strict and len(errors)) else 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from .plugins import KINDS
+
+    registry = _registry(args)
+    kinds = [args.kind] if args.kind else list(KINDS)
+    if args.json:
+        out = {kind: [{"name": e.name, "summary": e.summary, "provider": e.provider,
+                       "provider_version": e.provider_version, "defaults": e.defaults}
+                      for e in (registry.get(kind, n) for n in registry.names(kind))] for kind in kinds}
+        out["problems"] = registry.problems
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    for kind in kinds:
+        rows = [(e.name, f"{e.provider} {e.provider_version}", e.summary)
+                for e in (registry.get(kind, n) for n in registry.names(kind))]
+        print(f"{kind} ({len(rows)})")
+        print(tabulate(rows, headers=["name", "provided by", "description"], tablefmt="simple", maxcolwidths=[None, None, 80]))
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="oodbench",
+        description="Run every failure detector against every failure source (mistakes, adversarial, "
+                    "out-of-distribution) and write leaderboard CSVs.",
+    )
+    parser.add_argument("--version", action="version", version=f"oodbench {__version__}")
+    parser.add_argument("--strict-plugins", action="store_true",
+                        help="treat a plugin that fails to load as an error (also OODBENCH_STRICT_PLUGINS=1)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a benchmark", description="Run detectors on a benchmark and write "
+                         "results.csv (one row per detector, source, seed), summary.csv, timings.csv and run.json.")
+    run.add_argument("--detectors", "-d", help="comma-separated detector names, options in brackets: "
+                     "'gmm[k=10],odin' (default: every installed detector)")
+    run.add_argument("--benchmark", "-b", help="benchmark name or path to a .toml file (default: the installed "
+                     "default benchmark, offline digits)")
+    run.add_argument("--seeds", type=int, help="number of seeds (default: the benchmark's)")
+    run.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST..FIRST+N-1 (default 0)")
+    run.add_argument("--out", "-o", help="output folder (default ./oodbench-results/BENCHMARK)")
+    run.add_argument("--cache-dir", help="cache folder (default: the user cache dir, or OODBENCH_CACHE_DIR)")
+    run.add_argument("--no-cache", action="store_true", help="recompute everything and store nothing")
+    run.add_argument("--data-dir", default=os.environ.get("OODBENCH_DATA_DIR", "."),
+                     help="folder relative data paths are read from (default . or OODBENCH_DATA_DIR)")
+    run.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    run.add_argument("--batch-size", type=int, help="classifier batch size (default: the benchmark's)")
+    run.add_argument("--metric", default="auroc", help="metric of the printed table (default auroc)")
+    run.add_argument("--strict", action="store_true", help="exit 1 if any row is an error")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress display and no table")
+    run.set_defaults(func=cmd_run)
+
+    lst = sub.add_parser("list", help="list installed plugins", description="List every dataset, model, attack, "
+                         "detector and benchmark that installed plugins provide, with the providing distribution.")
+    lst.add_argument("kind", nargs="?", choices=["datasets", "models", "attacks", "detectors", "benchmarks"])
+    lst.add_argument("--json", action="store_true", help="machine-readable output")
+    lst.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .api import PluginError
+    from .benchmark import BenchmarkError
+    from .plugins import PluginLoadError, UnknownPluginError
+
+    args = build_parser().parse_args(argv)
+    if args.command == "run" and args.metric not in ("auroc", "aupr_in", "aupr_out", "fpr_at_95tpr",
+                                                     "detection_error", "mannwhitney_p"):
+        print(f"oodbench: unknown metric '{args.metric}'", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except (UnknownPluginError, BenchmarkError, ValueError, PluginLoadError) as exc:
+        print(f"oodbench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PluginError as exc:
+        print(f"oodbench: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("oodbench: interrupted; finished tasks are cached, run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

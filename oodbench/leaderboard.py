@@ -1,0 +1,116 @@
+"""Leaderboard files: the long results CSV, its per-seed aggregate, and terminal tables.
+
+``results.csv`` has one row per (benchmark, model, detector, source, seed) with the columns
+of ``RESULT_COLUMNS`` in that order, sorted by those keys, so diffs read well. It holds no
+timings or dates: the same command gives the same file. ``summary.csv`` has mean, std and
+``n_seeds`` of every metric per (benchmark, model, detector, source) over the ok rows.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+from tabulate import tabulate
+
+from .cache import atomic_write
+from .metrics import METRICS
+
+KEY_COLUMNS = ["benchmark", "model", "detector", "source", "seed"]
+RESULT_COLUMNS = [
+    "schema_version", *KEY_COLUMNS, "status", "error",
+    *METRICS, "n_pos", "n_neg", "n_holdout",
+    "source_kind", "negatives", "tuned_on_source", "tuned_params",
+    "detector_plugin", "detector_version", "detector_options",
+    "benchmark_sha256", "device", "oodbench_version",
+]
+SUMMARY_KEYS = ["benchmark", "model", "detector", "source"]
+
+
+def results_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(list(rows))
+    for column in RESULT_COLUMNS:
+        if column not in frame:
+            frame[column] = pd.Series(dtype=object)
+    frame = frame[RESULT_COLUMNS]
+    return frame.sort_values(KEY_COLUMNS, kind="stable").reset_index(drop=True)
+
+
+def summary_frame(results: pd.DataFrame) -> pd.DataFrame:
+    ok = results[results["status"] == "ok"]
+    rows = []
+    for keys, group in results.groupby(SUMMARY_KEYS, sort=True):
+        good = ok.loc[ok.index.intersection(group.index)]
+        row = dict(zip(SUMMARY_KEYS, keys))
+        row["n_seeds"] = len(good)
+        row["n_errors"] = len(group) - len(good)
+        for metric in METRICS:
+            values = good[metric].astype(float)
+            row[f"{metric}_mean"] = values.mean() if len(values) else float("nan")
+            row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else (0.0 if len(values) else float("nan"))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _csv_text(frame: pd.DataFrame) -> str:
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False, float_format="%.6g", lineterminator="\n")
+    return buffer.getvalue()
+
+
+def write_run(out_dir: Path, rows: list[dict], timings: list[dict], meta: dict) -> dict[str, Path]:
+    """Write results.csv, summary.csv, timings.csv and run.json atomically; return their paths."""
+    out_dir = Path(out_dir)
+    results = results_frame(rows)
+    files = {
+        "results": out_dir / "results.csv",
+        "summary": out_dir / "summary.csv",
+        "timings": out_dir / "timings.csv",
+        "run": out_dir / "run.json",
+    }
+    atomic_write(files["results"], lambda f: f.write(_csv_text(results)), mode="w")
+    atomic_write(files["summary"], lambda f: f.write(_csv_text(summary_frame(results))), mode="w")
+    timing_frame = pd.DataFrame(timings, columns=["detector", "source", "seed", "fit_seconds", "score_seconds"])
+    atomic_write(files["timings"], lambda f: f.write(_csv_text(timing_frame)), mode="w")
+    tracebacks = [{k: r[k] for k in ("detector", "source", "seed", "traceback")} for r in rows if r.get("traceback")]
+    atomic_write(files["run"], lambda f: json.dump({**meta, "tracebacks": tracebacks}, f, indent=2, sort_keys=True), mode="w")
+    return files
+
+
+def pivot_table(results: pd.DataFrame, metric: str = "auroc", fmt: str = "github") -> str:
+    """Detectors x sources, ``metric`` as mean ± std over seeds; best per source in bold/starred."""
+    summary = summary_frame(results)
+    if summary.empty:
+        return "(no results)"
+    higher_is_better = metric not in ("fpr_at_95tpr", "detection_error", "mannwhitney_p")
+    sources = sorted(summary["source"].unique(), key=_source_order)
+    detectors = sorted(summary["detector"].unique())
+    table = []
+    best = {}
+    for source in sources:
+        column = summary[summary["source"] == source].set_index("detector")[f"{metric}_mean"].dropna()
+        if len(column):
+            best[source] = column.max() if higher_is_better else column.min()
+    mark = "**" if fmt in ("github", "markdown") else "*"
+    for detector in detectors:
+        line = [detector]
+        for source in sources:
+            cell = summary[(summary["source"] == source) & (summary["detector"] == detector)]
+            if cell.empty or cell.iloc[0]["n_seeds"] == 0:
+                line.append("error")
+                continue
+            mean, std, n = cell.iloc[0][f"{metric}_mean"], cell.iloc[0][f"{metric}_std"], cell.iloc[0]["n_seeds"]
+            text = f"{mean:.3f}" + (f" ± {std:.3f}" if n > 1 else "")
+            if source in best and mean == best[source]:
+                text = f"{mark}{text}{mark}" if fmt in ("github", "markdown") else text + mark
+            line.append(text)
+        table.append(line)
+    transposed = [["source", *detectors]] + [[s] + [row[i + 1] for row in table] for i, s in enumerate(sources)]
+    return tabulate(transposed[1:], headers=transposed[0], tablefmt="github" if fmt == "markdown" else fmt)
+
+
+def _source_order(source: str) -> tuple[int, str]:
+    kind = source.split(":", 1)[0]
+    return ({"mistakes": 0, "adv": 1, "ood": 2}.get(kind, 3), source)

@@ -1,0 +1,469 @@
+"""A run: benchmark + detectors + seeds -> one result row per (detector, source, seed).
+
+The run is a chain of keyed tasks; each task's result is cached under a key hashed from
+its inputs' keys and its own configuration, so a second run recomputes nothing and an
+interrupted run resumes from the last finished task::
+
+    load data ─► train/load classifier ─► extract outputs (per image set) ─┐
+                       └──► attack (per attack, eps) ─► extract outputs ───┤
+                                               fit detector ─► score (per image set) ─► metrics
+
+Outputs (logits + penultimate features) are extracted once per (classifier, image set)
+and shared by every detector; detectors are fitted lazily, only when one of their scores
+is not cached yet. A detector that raises, or returns non-finite scores, marks only its
+own rows as errors.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .api import ClassifierHandle, DatasetContext, Detector, FitContext, Holdout, ImageSet, PluginError, SplitView
+from .benchmark import Benchmark
+from .cache import Cache, make_key
+from .metrics import compute_all
+from .plugins import Entry, Registry, instantiate, resolve_options
+from .progress import Progress
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """A detector as the user asked for it: ``gmm`` or ``gmm[k=10]``."""
+
+    label: str
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Part:
+    """Rows ``index`` of a whole image set's outputs: scores are computed on ``parent`` once."""
+
+    parent: SplitView
+    index: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def view(self) -> SplitView:
+        return self.parent.subset(self.index)
+
+    def take(self, index: np.ndarray) -> "Part":
+        return Part(self.parent, self.index[index])
+
+
+@dataclass
+class Source:
+    """One failure source: which inputs are positives and negatives, and the holdout."""
+
+    name: str
+    kind: str  # mistakes | ood | adversarial | error
+    negatives_are: str  # what the negatives are, in words, for the CSV
+    positives: Part
+    negatives: Part
+    holdout_positives: Part | None = None
+    holdout_negatives: Part | None = None
+
+    @property
+    def n_holdout(self) -> int:
+        return 0 if self.holdout_positives is None else len(self.holdout_positives) + len(self.holdout_negatives)
+
+
+@dataclass
+class RunOptions:
+    benchmark: Benchmark
+    detectors: list[DetectorSpec]
+    seeds: list[int]
+    cache_dir: Path | None
+    data_dir: Path
+    device: torch.device
+    batch_size: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class RunResult:
+    rows: list[dict[str, Any]]
+    timings: list[dict[str, Any]]
+    meta: dict[str, Any]
+
+
+def choose_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PluginError(f"device '{name}' asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+class _SeedRun:
+    """Everything one seed of a run computes; the methods are the tasks."""
+
+    def __init__(self, opts: RunOptions, registry: Registry, cache: Cache, progress: Progress, seed: int):
+        self.opts, self.registry, self.cache, self.progress, self.seed = opts, registry, cache, progress, seed
+        self.bench = opts.benchmark
+        self.batch_size = opts.batch_size or self.bench.batch_size
+        self._id_sets: dict[str, ImageSet] = {}
+
+    # -- data ------------------------------------------------------------------------
+    def _dataset(self, ref_name: str, options: dict[str, Any]):
+        entry = self.registry.get("datasets", ref_name)
+        return entry, instantiate(entry, options, seed=self.seed)
+
+    def id_split(self, split: str) -> ImageSet:
+        if split not in self._id_sets:
+            ref = self.bench.in_distribution
+            _, dataset = self._dataset(ref.plugin, ref.options)
+            images = dataset.load(DatasetContext(split=split, seed=self.seed, data_dir=self.opts.data_dir))
+            if images.y is None or images.num_classes is None:
+                raise PluginError(f"in-distribution dataset '{ref.plugin}' gave no labels or num_classes for '{split}'")
+            if split == "test" and self.bench.test_subset:
+                images = images.subset(np.arange(min(self.bench.test_subset, len(images))))
+            self._id_sets[split] = images
+        return self._id_sets[split]
+
+    def ood_set(self, name: str, dataset_name: str, options: dict[str, Any]) -> ImageSet:
+        _, dataset = self._dataset(dataset_name, options)
+        test = self.id_split("test")
+        ctx = DatasetContext(split="test", seed=self.seed, data_dir=self.opts.data_dir,
+                             image_shape=test.image_shape, size=len(test), in_distribution=self.id_split)
+        images = dataset.load(ctx)
+        if images.image_shape != test.image_shape:
+            raise PluginError(f"dataset '{dataset_name}' returned images of shape {images.image_shape}, "
+                              f"expected the in-distribution {test.image_shape}")
+        return images
+
+    # -- classifier ------------------------------------------------------------------
+    def classifier(self) -> tuple[ClassifierHandle, str, Entry, dict[str, Any]]:
+        ref = self.bench.model
+        entry = self.registry.get("models", ref.plugin)
+        options = resolve_options(entry, ref.options)
+        model = entry.target(**options)
+        train, val = self.id_split("train"), self.id_split("val")
+        key = make_key("model", plugin=ref.plugin, version=entry.version, options=options, seed=self.seed,
+                       train=train.key if model.trainable else None, val=val.key if model.trainable else None,
+                       shape=train.image_shape, classes=train.num_classes)
+
+        def train_model() -> dict[str, Any]:
+            _seed_everything(self.seed)
+            network = model.build(train.image_shape, train.num_classes, self.seed)
+            if model.trainable:
+                with self.progress.status(f"training {ref.plugin} (seed {self.seed})") as say:
+                    model.train(network, train, val, self.seed, self.opts.device, say)
+            return {k: v.detach().cpu() for k, v in network.state_dict().items()}
+
+        state = self.cache.state_dict(key, train_model)
+        network = model.build(train.image_shape, train.num_classes, self.seed)
+        network.load_state_dict(state)
+        return ClassifierHandle(network, self.opts.device, self.batch_size), key, entry, options
+
+    def outputs(self, handle: ClassifierHandle, model_key: str, images: ImageSet, activity: str,
+                labels: np.ndarray | None = None) -> SplitView:
+        key = make_key("outputs", model=model_key, images=images.key)
+
+        def extract() -> dict[str, np.ndarray]:
+            logits, feats = [], []
+            with handle.activity(f"extract:{activity}"):
+                for batch in self.progress.iterate(images.batches(self.batch_size * 4), f"features {activity}",
+                                                   total=math.ceil(len(images) / (self.batch_size * 4))):
+                    out, feat = handle.outputs(batch)
+                    logits.append(out.numpy())
+                    feats.append(feat.numpy())
+            return {"logits": np.concatenate(logits), "features": np.concatenate(feats)}
+
+        arrays = self.cache.arrays(key, extract)
+        return SplitView(activity, arrays["logits"], arrays["features"], images, labels, key=key)
+
+    def adversarial(self, handle: ClassifierHandle, model_key: str, clean: ImageSet, attack_name: str,
+                    options: dict[str, Any], eps: float) -> ImageSet:
+        entry = self.registry.get("attacks", attack_name)
+        resolved = resolve_options(entry, options, seed=self.seed)
+        attack = entry.target(**resolved)
+        key = make_key("attack", model=model_key, images=clean.key, attack=attack_name, version=entry.version,
+                       options=resolved, eps=eps, seed=self.seed)
+
+        def run_attack() -> dict[str, np.ndarray]:
+            generator = torch.Generator().manual_seed(self.seed)
+            labels = torch.from_numpy(clean.y)
+            chunks = []
+            step = self.batch_size * 4
+            with handle.activity(f"attack:{attack_name}:{eps:g}"):
+                for start in self.progress.iterate(range(0, len(clean), step), f"{attack_name} eps={eps:g}",
+                                                   total=math.ceil(len(clean) / step)):
+                    x = clean.tensor(slice(start, start + step))
+                    adv = attack.perturb(handle, x, labels[start:start + step], eps, generator)
+                    chunks.append(adv.detach().float().cpu().numpy())
+            return {"x": np.concatenate(chunks).astype(np.float32)}
+
+        x = self.cache.arrays(key, run_attack)["x"]
+        return ImageSet(x, None, f"{attack_name}-{eps:g}")
+
+    # -- sources -----------------------------------------------------------------------
+    def sources(self, handle: ClassifierHandle, model_key: str) -> tuple[SplitView, list[Source]]:
+        test_set = self.id_split("test")
+        test = self.outputs(handle, model_key, test_set, "test")
+        correct = test.predictions == test_set.y
+        everything = Part(test, np.arange(len(test)))
+        sources: list[Source] = []
+        if self.bench.mistakes:
+            sources.append(Source("mistakes", "mistakes", "misclassified test inputs",
+                                  everything.take(np.flatnonzero(correct)), everything.take(np.flatnonzero(~correct))))
+        for ref in self.bench.ood:
+            try:
+                images = self.ood_set(ref.name, ref.dataset, ref.options)
+            except Exception as exc:
+                sources.append(_failed_source(f"ood:{ref.name}", "ood", exc))
+                continue
+            view = self.outputs(handle, model_key, images, f"ood:{ref.name}")
+            sources.append(Source(f"ood:{ref.name}", "ood", f"{ref.dataset} images", everything,
+                                  Part(view, np.arange(len(view)))))
+        subset = np.arange(min(self.bench.attack_subset or len(test_set), len(test_set)))
+        clean_set = test_set.subset(subset)
+        clean = everything.take(subset)
+        for ref in self.bench.attacks:
+            for eps in ref.eps:
+                name = f"adv:{ref.plugin}:{eps:g}"
+                try:
+                    adv_images = self.adversarial(handle, model_key, clean_set, ref.plugin, ref.options, eps)
+                except Exception as exc:
+                    sources.append(_failed_source(f"{name}:flipped", "adversarial", exc))
+                    sources.append(_failed_source(f"{name}:all", "adversarial", exc))
+                    continue
+                adv = self.outputs(handle, model_key, adv_images, name)
+                flipped = np.flatnonzero(adv.predictions != test.predictions[subset])
+                all_adv = Part(adv, np.arange(len(adv)))
+                sources.append(Source(f"{name}:flipped", "adversarial",
+                                      "adversarial versions that change the prediction", clean, all_adv.take(flipped)))
+                sources.append(Source(f"{name}:all", "adversarial", "all adversarial versions", clean, all_adv))
+        for source in sources:
+            if source.kind != "error":
+                self._carve_holdout(source)
+        return test, sources
+
+    def _carve_holdout(self, source: Source) -> None:
+        """Move a seeded random part of each side into a holdout that no row evaluates on."""
+        rng = np.random.default_rng([self.seed, *source.name.encode()])
+        split = []
+        for part in (source.positives, source.negatives):
+            n = min(self.bench.holdout_size, int(self.bench.holdout_fraction * len(part)))
+            order = rng.permutation(len(part))
+            split.append((part.take(np.sort(order[:n])), part.take(np.sort(order[n:]))))
+        (source.holdout_positives, source.positives), (source.holdout_negatives, source.negatives) = split
+
+    # -- detectors ---------------------------------------------------------------------
+    def detector_rows(self, spec: DetectorSpec, handle: ClassifierHandle, model_key: str,
+                      train: SplitView, val: SplitView, sources: list[Source]) -> tuple[list[dict], list[dict]]:
+        entry = self.registry.get("detectors", spec.name)
+        resolved = resolve_options(entry, spec.options, seed=self.seed)
+        det_key = make_key("detector", name=spec.name, version=entry.version, options=resolved,
+                           model=model_key, train=train.key, val=val.key, seed=self.seed)
+        cls = entry.target
+        needs = frozenset(cls.needs) | {"logits"}
+        base = {"detector": spec.label, "detector_plugin": entry.provider, "detector_version": entry.version,
+                "detector_options": json.dumps(_jsonable(resolved), sort_keys=True),
+                "tuned_on_source": bool(cls.tunes_on_source)}
+        state: dict[str, Any] = {"detector": None, "fit_error": None, "fit_seconds": 0.0}
+
+        def fitted() -> Detector:
+            if state["fit_error"] is not None:
+                raise state["fit_error"]
+            if state["detector"] is None:
+                started = time.perf_counter()
+                try:
+                    _seed_everything(self.seed)
+                    detector = cls(**resolved)
+                    ctx = FitContext(train.restricted(needs), val.restricted(needs), int(train.logits.shape[1]),
+                                     self.seed, self.opts.device, handle if "gradients" in needs else None)
+                    with handle.activity(f"detector:{spec.label}:fit"), \
+                            self.progress.status(f"fitting {spec.label}") as say:
+                        ctx.progress = say
+                        detector.fit(ctx)
+                except Exception as exc:
+                    state["fit_error"] = _FitFailed(f"fit failed: {_describe(exc)}")
+                    raise state["fit_error"] from exc
+                finally:
+                    state["fit_seconds"] = time.perf_counter() - started
+                state["detector"] = detector
+            return state["detector"]
+
+        def scores_of(view: SplitView, tag: str, extra_key: str = "") -> np.ndarray:
+            key = make_key("scores", detector=det_key, view=view.key, extra=extra_key)
+
+            def compute() -> dict[str, np.ndarray]:
+                detector = fitted()
+                with handle.activity(f"detector:{spec.label}:score"):
+                    values = np.asarray(detector.score(view.restricted(needs - {"labels"})), dtype=np.float64)
+                if values.shape != (len(view),):
+                    raise PluginError(f"score returned shape {values.shape} for {len(view)} inputs of {tag}")
+                bad = int((~np.isfinite(values)).sum())
+                if bad:
+                    raise PluginError(f"score returned {bad} non-finite values (NaN/inf) on {tag}")
+                return {"scores": values}
+
+            return self.cache.arrays(key, compute)["scores"]
+
+        rows, timings = [], []
+        for source in self.progress.iterate(sources, f"{spec.label} x sources", total=len(sources)):
+            started = time.perf_counter()
+            row: dict[str, Any] = {**base, "source": source.name, "source_kind": source.kind,
+                                   "negatives": source.negatives_are, "n_holdout": 0, "tuned_params": ""}
+            try:
+                if source.kind == "error":
+                    raise _SourceFailed(source.negatives_are)
+                row["n_holdout"] = source.n_holdout
+                if cls.tunes_on_source:
+                    pos, neg, tuned = self._tuned_scores(fitted, det_key, source, needs, handle, spec.label)
+                    row["tuned_params"] = tuned
+                else:
+                    pos = scores_of(source.positives.parent, source.name)[source.positives.index]
+                    neg = scores_of(source.negatives.parent, source.name)[source.negatives.index]
+                row.update(compute_all(pos, neg), status="ok", error="")
+                if not (len(pos) and len(neg)):
+                    row.update(status="error", error=f"no {'positives' if not len(pos) else 'negatives'} to evaluate")
+            except Exception as exc:
+                row.update(compute_all(np.empty(0), np.empty(0)), status="error", error=_describe(exc))
+                if not isinstance(exc, (_FitFailed, _SourceFailed, PluginError)):
+                    row["traceback"] = traceback.format_exc(limit=6)
+            rows.append(row)
+            timings.append({"detector": spec.label, "source": source.name, "seed": self.seed,
+                            "score_seconds": time.perf_counter() - started})
+        for t in timings:
+            t["fit_seconds"] = state["fit_seconds"]
+        if state["detector"] is not None:
+            try:
+                self.detector_metadata[spec.label] = _jsonable(state["detector"].metadata())
+            except Exception as exc:
+                self.detector_metadata[spec.label] = {"error": _describe(exc)}
+        return rows, timings
+
+    def _tuned_scores(self, fitted: Callable[[], Detector], det_key: str, source: Source,
+                      needs: frozenset[str], handle: ClassifierHandle, label: str):
+        views = [part.view().restricted(needs - {"labels"}) for part in
+                 (source.holdout_positives, source.holdout_negatives, source.positives, source.negatives)]
+        key = make_key("tuned", detector=det_key, source=source.name, views=[v.key for v in views])
+
+        def compute() -> dict[str, np.ndarray]:
+            detector = fitted()
+            with handle.activity(f"detector:{label}:tune"):
+                choice = detector.tune(Holdout(source.name, views[0], views[1]))
+            with handle.activity(f"detector:{label}:score"):
+                pos = np.asarray(detector.score(views[2]), np.float64)
+                neg = np.asarray(detector.score(views[3]), np.float64)
+            for values, view in ((pos, views[2]), (neg, views[3])):
+                if values.shape != (len(view),):
+                    raise PluginError(f"score returned shape {values.shape} for {len(view)} inputs of {source.name}")
+                bad = int((~np.isfinite(values)).sum())
+                if bad:
+                    raise PluginError(f"score returned {bad} non-finite values (NaN/inf) on {source.name}")
+            return {"pos": pos, "neg": neg, "tuned": np.array(json.dumps(_jsonable(choice or {}), sort_keys=True))}
+
+        arrays = self.cache.arrays(key, compute)
+        return arrays["pos"], arrays["neg"], str(arrays["tuned"])
+
+    def run(self, specs: list[DetectorSpec]) -> tuple[list[dict], list[dict], dict[str, Any]]:
+        self.detector_metadata: dict[str, Any] = {}
+        _seed_everything(self.seed)
+        handle, model_key, model_entry, model_options = self.classifier()
+        train = self.outputs(handle, model_key, self.id_split("train"), "train", self.id_split("train").y)
+        val = self.outputs(handle, model_key, self.id_split("val"), "val", self.id_split("val").y)
+        test, sources = self.sources(handle, model_key)
+        accuracy = float((test.predictions == self.id_split("test").y).mean())
+        rows, timings = [], []
+        for spec in specs:
+            r, t = self.detector_rows(spec, handle, model_key, train, val, sources)
+            rows += r
+            timings += t
+        common = {"schema_version": SCHEMA_VERSION, "benchmark": self.bench.name,
+                  "benchmark_sha256": self.bench.sha256[:16], "model": self.bench.model.plugin, "seed": self.seed,
+                  "device": self.opts.device.type, "oodbench_version": __version__}
+        for row in rows:
+            row.update(common)
+        meta = {"seed": self.seed, "model_key": model_key, "model_options": model_options,
+                "model_provider": f"{model_entry.provider} {model_entry.provider_version}",
+                "test_accuracy": accuracy, "passes": handle.passes, "detectors": self.detector_metadata,
+                "sources": {s.name: {"n_pos": len(s.positives), "n_neg": len(s.negatives), "n_holdout": s.n_holdout}
+                            for s in sources if s.kind != "error"}}
+        return rows, timings, meta
+
+
+class _FitFailed(Exception):
+    pass
+
+
+class _SourceFailed(Exception):
+    pass
+
+
+def _failed_source(name: str, kind: str, exc: Exception) -> Source:
+    empty = SplitView(name, np.empty((0, 0), np.float32), np.empty((0, 0), np.float32), ImageSet(np.empty((0, 1, 1, 1), np.uint8)))
+    nothing = Part(empty, np.empty(0, np.int64))
+    return Source(name, "error", f"source failed: {_describe(exc)}", nothing, nothing)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, (_FitFailed, _SourceFailed)):
+        return str(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, PluginError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else str(value)
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return _jsonable(value.tolist())
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def run_benchmark(opts: RunOptions, registry: Registry) -> RunResult:
+    """Run every detector against every failure source of ``opts.benchmark`` for each seed."""
+    for spec in opts.detectors:  # fail fast on names and options, before any heavy work
+        resolve_options(registry.get("detectors", spec.name), spec.options)
+    cache = Cache(opts.cache_dir)
+    progress = Progress(enabled=opts.progress)
+    rows, timings, per_seed = [], [], []
+    started = time.perf_counter()
+    for seed in opts.seeds:
+        r, t, meta = _SeedRun(opts, registry, cache, progress, seed).run(opts.detectors)
+        rows += r
+        timings += t
+        per_seed.append(meta)
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "oodbench_version": __version__,
+        "torch_version": torch.__version__,
+        "benchmark": {"name": opts.benchmark.name, "path": str(opts.benchmark.path), "sha256": opts.benchmark.sha256},
+        "detectors": [{"label": s.label, "name": s.name, "options": s.options} for s in opts.detectors],
+        "seeds": opts.seeds,
+        "device": str(opts.device),
+        "cache": {"dir": str(opts.cache_dir) if opts.cache_dir else None, "hits": cache.hits, "misses": cache.misses},
+        "wall_seconds": time.perf_counter() - started,
+        "per_seed": per_seed,
+    }
+    return RunResult(rows, timings, meta)

@@ -1,0 +1,34 @@
+"""Confidence baselines read off the classifier's logits (Hendrycks & Gimpel, ICLR 2017)."""
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import log_softmax
+
+from oodbench.api import Detector, SplitView
+
+
+class MaxSoftmax(Detector):
+    """Max softmax probability (Hendrycks & Gimpel 2017), the standard baseline.
+
+    score(x) = max_c softmax(f(x))_c, where f(x) are the logits. Higher = more trustworthy.
+    Computed as exp(max_c log_softmax) in float64: float32 softmax saturates at 1.0 on
+    strong attacks and turns the ranking into ties (see MEASUREMENTS.md).
+    Needs: logits only. Fit: nothing.
+    """
+
+    name = "msp"
+
+    def score(self, view: SplitView) -> np.ndarray:
+        return np.exp(log_softmax(view.logits.astype(np.float64), axis=1).max(1))
+
+
+class MaxLogit(Detector):
+    """Max logit, the feature-GMM paper's "Logits" baseline.
+
+    score(x) = max_c f(x)_c. Higher = more trustworthy. Needs: logits only. Fit: nothing.
+    """
+
+    name = "logits"
+
+    def score(self, view: SplitView) -> np.ndarray:
+        return view.logits.astype(np.float64).max(1)

@@ -1,0 +1,77 @@
+"""The installed ``oodbench`` command as a user meets it."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+OODBENCH = shutil.which("oodbench") or f"{sys.executable} -m oodbench.cli"
+
+
+def run_cli(*args, env=None, cwd=None):
+    command = [*OODBENCH.split(), *args]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)
+
+
+def test_list_shows_every_kind_with_its_provider():
+    done = run_cli("list")
+    assert done.returncode == 0, done.stderr
+    for header in ("datasets", "models", "attacks", "detectors", "benchmarks"):
+        assert header in done.stdout
+    assert "msp" in done.stdout and "oodbench 0.1.0" in done.stdout
+    listed = json.loads(run_cli("list", "--json").stdout)
+    msp = next(d for d in listed["detectors"] if d["name"] == "msp")
+    assert msp["provider"] == "oodbench" and msp["summary"].startswith("Max softmax")
+
+
+def test_unknown_detector_is_one_clear_line_and_exit_2():
+    done = run_cli("run", "--detectors", "msp,nope", "--no-cache")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "unknown detector 'nope'. Available detectors:" in done.stderr and "msp" in done.stderr
+
+
+def test_unknown_option_and_bad_benchmark_are_clear(tmp_path):
+    done = run_cli("run", "--detectors", "msp[k=3]", "--no-cache")
+    assert done.returncode == 2 and "detector 'msp' has no option k" in done.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[model]\nplugin = "small-cnn"\n')
+    done = run_cli("run", "--benchmark", str(bad), "--no-cache")
+    assert done.returncode == 2 and "in_distribution: must be a table" in done.stderr
+    done = run_cli("run", "--benchmark", "nope", "--no-cache")
+    assert done.returncode == 2 and "unknown benchmark 'nope'. Available benchmarks: digits" in done.stderr
+
+
+def test_run_writes_the_leaderboard_and_prints_a_table(tmp_path, shared_cache):
+    out = tmp_path / "out"
+    done = run_cli("run", "-d", "msp", "-o", str(out), "--cache-dir", str(shared_cache))
+    assert done.returncode == 0, done.stderr
+    assert "| source" in done.stdout and "ood:uniform" in done.stdout
+    results = pd.read_csv(out / "results.csv")
+    assert set(results["detector"]) == {"msp"} and (results["status"] == "ok").all()
+    run = json.loads((out / "run.json").read_text())
+    assert run["benchmark"]["name"] == "digits" and run["seeds"] == [0]
+    assert run["per_seed"][0]["passes"] == {} or "extract:test" in run["per_seed"][0]["passes"]
+
+
+def test_missing_npz_file_names_the_file(tmp_path):
+    bench = tmp_path / "mine.toml"
+    bench.write_text(
+        'name = "mine"\n[in_distribution]\ndataset = "npz"\n'
+        'options = { train = "train.npz", test = "test.npz", val_from_train = 10 }\n'
+        '[model]\nplugin = "small-cnn"\n'
+    )
+    done = run_cli("run", "-b", str(bench), "-d", "msp", "--data-dir", str(tmp_path), "--no-cache")
+    assert done.returncode == 1
+    assert f"file for split 'train' not found: {tmp_path / 'train.npz'}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_help_lists_commands():
+    done = run_cli("--help")
+    assert done.returncode == 0 and "run" in done.stdout and "list" in done.stdout
+    done = run_cli("run", "--help")
+    assert "--detectors" in done.stdout and "--seeds" in done.stdout

@@ -1,0 +1,126 @@
+"""The default benchmark end to end: rows, caching, determinism, error isolation."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from oodbench import hookimpl
+from oodbench.api import Detector, PluginError
+from oodbench.benchmark import load_benchmark
+from oodbench.cli import parse_detectors
+from oodbench.leaderboard import RESULT_COLUMNS, results_frame, write_run
+from oodbench.plugins import build_registry
+from oodbench.runner import RunOptions, run_benchmark
+
+
+def _options(registry, detectors: str, cache: Path | None, **kw) -> RunOptions:
+    bench = load_benchmark(registry.get("benchmarks", "digits").target)
+    return RunOptions(benchmark=bench, detectors=parse_detectors(detectors), seeds=kw.pop("seeds", [0]),
+                      cache_dir=cache, data_dir=Path("."), device=torch.device("cpu"), progress=False, **kw)
+
+
+EXPECTED_SOURCES = {"mistakes", "ood:gaussian", "ood:uniform", "ood:hflip", "ood:vflip", "ood:natural-patches",
+                    *(f"adv:{a}:{e}:{s}" for a in ("fgsm", "bim") for e in ("0.05", "0.1", "0.2") for s in ("flipped", "all"))}
+
+
+def test_default_run_gives_every_row_with_finite_metrics(registry, shared_cache):
+    result = run_benchmark(_options(registry, "msp,logits", shared_cache), registry)
+    frame = results_frame(result.rows)
+    assert set(frame["source"]) == EXPECTED_SOURCES
+    assert len(frame) == 2 * len(EXPECTED_SOURCES)
+    assert (frame["status"] == "ok").all(), frame[frame["status"] != "ok"][["detector", "source", "error"]]
+    assert frame[["auroc", "aupr_in", "aupr_out", "fpr_at_95tpr", "detection_error"]].notna().all().all()
+    assert frame["auroc"].between(0, 1).all()
+    accuracy = result.meta["per_seed"][0]["test_accuracy"]
+    assert 0.9 < accuracy < 1.0, "the digits CNN should be good but not perfect (mistakes need negatives)"
+    # Uniform noise is far from digits: even the baseline separates it well.
+    assert frame.set_index(["detector", "source"]).loc[("msp", "ood:uniform"), "auroc"] > 0.8
+    mistakes = frame[frame["source"] == "mistakes"].iloc[0]
+    n_test = sum(result.meta["per_seed"][0]["sources"]["mistakes"].values())
+    assert mistakes["n_pos"] + mistakes["n_neg"] + mistakes["n_holdout"] == n_test == 360
+
+
+def test_second_run_recomputes_nothing_and_gives_identical_csv(registry, tmp_path):
+    cache = tmp_path / "cache"
+    first = run_benchmark(_options(registry, "msp", cache), registry)
+    second = run_benchmark(_options(registry, "msp", cache), registry)
+    assert second.meta["cache"]["misses"] == 0 and second.meta["cache"]["hits"] > 0
+    assert second.meta["per_seed"][0]["passes"] == {}, "a cached run must not touch the classifier"
+    a = write_run(tmp_path / "a", first.rows, first.timings, first.meta)["results"].read_bytes()
+    b = write_run(tmp_path / "b", second.rows, second.timings, second.meta)["results"].read_bytes()
+    assert a == b
+    # Without any cache the same numbers come out: the cache stores, it does not decide.
+    third = run_benchmark(_options(registry, "msp", None), registry)
+    c = write_run(tmp_path / "c", third.rows, third.timings, third.meta)["results"].read_bytes()
+    assert c == a
+
+
+class Flaky(Detector):
+    """Raises on noise, NaN on flips, fine elsewhere."""
+
+    name = "flaky"
+
+    def score(self, view):
+        if view.name.startswith("ood:gaussian"):
+            raise RuntimeError("cannot score noise")
+        values = view.logits.max(1).astype(float)
+        if "flip" in view.name:
+            values[0] = np.nan
+        return values
+
+
+class Unfittable(Detector):
+    """Fails in fit."""
+
+    name = "unfittable"
+
+    def fit(self, ctx):
+        raise PluginError("needs more data")
+
+
+class Peeker(Detector):
+    """Reads features without declaring them."""
+
+    name = "peeker"
+
+    def score(self, view):
+        return view.features.sum(1)
+
+
+class Broken:
+    @hookimpl
+    def oodbench_register_detectors(self, register):
+        register(Flaky)
+        register(Unfittable)
+        register(Peeker)
+
+
+def test_a_failing_detector_marks_only_its_own_rows(shared_cache):
+    registry = build_registry(extra_plugins=[Broken()], strict=True)
+    result = run_benchmark(_options(registry, "msp,flaky,unfittable,peeker", shared_cache), registry)
+    frame = results_frame(result.rows).set_index(["detector", "source"])
+    assert (frame.loc["msp", "status"] == "ok").all()
+    assert frame.loc[("flaky", "ood:gaussian"), "error"] == "RuntimeError: cannot score noise"
+    assert "1 non-finite values" in frame.loc[("flaky", "ood:hflip"), "error"]
+    assert frame.loc[("flaky", "mistakes"), "status"] == "ok"
+    assert (frame.loc["unfittable", "error"] == "fit failed: needs more data").all()
+    assert "without declaring it" in frame.loc[("peeker", "mistakes"), "error"]
+    assert frame.loc[("flaky", "ood:gaussian"), ["auroc"]].isna().all()
+
+
+def test_seeds_repeat_the_random_parts(registry, shared_cache, tmp_path):
+    result = run_benchmark(_options(registry, "msp", shared_cache, seeds=[0, 1]), registry)
+    frame = results_frame(result.rows)
+    assert sorted(frame["seed"].unique()) == [0, 1]
+    keys = [m["model_key"] for m in result.meta["per_seed"]]
+    assert keys[0] != keys[1], "each seed trains its own classifier"
+    files = write_run(tmp_path, result.rows, result.timings, result.meta)
+    summary = pd.read_csv(files["summary"])
+    row = summary[(summary["detector"] == "msp") & (summary["source"] == "ood:uniform")].iloc[0]
+    values = frame[(frame["detector"] == "msp") & (frame["source"] == "ood:uniform")]["auroc"]
+    assert row["n_seeds"] == 2
+    assert row["auroc_mean"] == pytest.approx(values.mean(), abs=1e-6)
+    assert row["auroc_std"] == pytest.approx(values.std(ddof=1), abs=1e-6)
+    assert list(pd.read_csv(files["results"]).columns) == RESULT_COLUMNS
