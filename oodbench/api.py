@@ -352,6 +352,12 @@ class Model(Plugin):
     """
 
     trainable: ClassVar[bool] = True
+    #: the run's ``--data-dir``, set by the core before ``build``: relative checkpoint paths start here
+    data_dir: Path = Path(".")
+
+    def fingerprint(self) -> str:
+        """What determines the weights beyond the options (e.g. a checkpoint's sha256); part of cache keys."""
+        return ""
 
     def build(self, image_shape: tuple[int, int, int], num_classes: int, seed: int) -> torch.nn.Module:
         raise NotImplementedError

@@ -108,7 +108,8 @@ def pivot_table(results: pd.DataFrame, metric: str = "auroc", fmt: str = "github
             line.append(text)
         table.append(line)
     transposed = [["source", *detectors]] + [[s] + [row[i + 1] for row in table] for i, s in enumerate(sources)]
-    return tabulate(transposed[1:], headers=transposed[0], tablefmt="github" if fmt == "markdown" else fmt)
+    return tabulate(transposed[1:], headers=transposed[0], tablefmt="github" if fmt == "markdown" else fmt,
+                    disable_numparse=True)
 
 
 def _source_order(source: str) -> tuple[int, str]:

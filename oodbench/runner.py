@@ -155,10 +155,11 @@ class _SeedRun:
         entry = self.registry.get("models", ref.plugin)
         options = resolve_options(entry, ref.options)
         model = entry.target(**options)
+        model.data_dir = self.opts.data_dir
         train, val = self.id_split("train"), self.id_split("val")
         key = make_key("model", plugin=ref.plugin, version=entry.version, options=options, seed=self.seed,
                        train=train.key if model.trainable else None, val=val.key if model.trainable else None,
-                       shape=train.image_shape, classes=train.num_classes)
+                       shape=train.image_shape, classes=train.num_classes, fingerprint=model.fingerprint())
 
         def train_model() -> dict[str, Any]:
             _seed_everything(self.seed)

@@ -4,7 +4,20 @@ from oodbench import hookimpl
 
 @hookimpl
 def oodbench_register_detectors(register):
-    from . import softmax
+    from . import gmm, mahalanobis, maf, odin, pixelcnn, softmax, temperature, vae, waic
 
     register(softmax.MaxSoftmax)
     register(softmax.MaxLogit)
+    register(temperature.TemperatureScaling)
+    register(odin.Odin)
+    register(odin.OdinNoOOD)
+    register(mahalanobis.Mahalanobis)
+    register(mahalanobis.MahalanobisPreprocessed)
+    register(gmm.ZhengHong)
+    register(gmm.FeatureGMM)
+    register(gmm.FeatureGMM, name="gmm-100", k=100)
+    register(gmm.FeatureGMM, name="gmm-1000", k=1000)
+    register(vae.FeatureVAE)
+    register(maf.FeatureMAF)
+    register(pixelcnn.PixelCNNPP)
+    register(waic.GenerativeEnsemble)

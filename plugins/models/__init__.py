@@ -4,6 +4,7 @@ from oodbench import hookimpl
 
 @hookimpl
 def oodbench_register_models(register):
-    from . import small_cnn
+    from . import cifar_resnet, small_cnn
 
     register(small_cnn.SmallCNN)
+    register(cifar_resnet.CifarResNet)
