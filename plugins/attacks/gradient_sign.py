@@ -31,9 +31,10 @@ class FGSM(Attack):
 class BIM(Attack):
     """Basic Iterative Method (Kurakin et al. 2017): ``steps`` FGSM steps of size alpha, projected.
 
-    x_{t+1} = clip_{x, eps}(x_t + alpha sign(grad CE)), clipped to [0, 1]; alpha = eps /
-    ``steps`` * ``step_ratio`` (default 2.5 / steps of eps per step, as in Madry et al.'s
-    choice for PGD, so the ball's boundary is reachable). Starts at x (no random start).
+    x_{t+1} = clip_{x, eps}(x_t + alpha sign(grad CE)), clipped to [0, 1], with
+    alpha = ``step_ratio`` * eps / ``steps``. The default 2.5 follows Madry et al.'s choice for
+    PGD so the ball's boundary is reached well before the last step (Kurakin et al. used
+    alpha = 1/255 with min(eps*255 + 4, 1.25 eps*255) steps). Starts at x (no random start).
     """
 
     name = "bim"
