@@ -54,6 +54,15 @@ def test_every_installed_detector_is_finite_on_every_source(registry, shared_cac
     # Feature densities see what softmax confidence misses: natural photographs are far from
     # every digit's features, yet the CNN is confident on many of them.
     assert by[("gmm", "ood:natural-patches")] > by[("msp", "ood:natural-patches")] + 0.2
+    published = pd.read_csv(Path(__file__).resolve().parents[1] / "leaderboards" / "digits" / "results.csv")
+    published = published[published["seed"] == 0].set_index(["detector", "source"]).sort_index()
+    mine = frame.set_index(["detector", "source"]).sort_index()
+    assert list(published.index) == list(mine.index)
+    for metric in ("auroc", "aupr_in", "aupr_out", "fpr_at_95tpr", "detection_error"):
+        difference = (mine[metric].astype(float) - published[metric]).abs()
+        attack = difference.index.get_level_values("source").str.startswith("adv:")
+        assert difference[~attack].max() < 1e-6, difference[~attack].idxmax()
+        assert difference[attack].max() < 2e-3, difference[attack].idxmax()
     tuned = frame[frame["detector"] == "odin"]
     assert tuned["tuned_on_source"].all() and (tuned["n_holdout"] > 0).all()
     assert all("temperature" in p for p in tuned["tuned_params"])
