@@ -148,6 +148,47 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_leaderboard_validate(args: argparse.Namespace) -> int:
+    from .leaderboard import read_results, validate_frame
+
+    failed = False
+    for path in args.files:
+        try:
+            problems = validate_frame(read_results(Path(path)), str(path))
+        except ValueError as exc:
+            problems = [str(exc)]
+        for problem in problems:
+            print(problem)
+        print(f"{path}: {'ok' if not problems else f'{len(problems)} problem(s)'}", file=sys.stderr)
+        failed |= bool(problems)
+    return 1 if failed else 0
+
+
+def cmd_leaderboard_merge(args: argparse.Namespace) -> int:
+    from .cache import atomic_write
+    from .leaderboard import merge_frames, read_results, validate_frame
+
+    frames = []
+    for path in args.files:
+        frame = read_results(Path(path))
+        problems = validate_frame(frame, str(path))
+        if problems:
+            raise ValueError(f"{path} is not a valid results file ({len(problems)} problems; first: {problems[0]}); "
+                             "run 'oodbench leaderboard validate' on it")
+        frames.append(frame)
+    merged = merge_frames(frames, args.prefer)
+    atomic_write(Path(args.out), lambda f: merged.to_csv(f, index=False, lineterminator="\n"), mode="w")
+    print(f"wrote {args.out} ({len(merged)} rows from {len(frames)} files)")
+    return 0
+
+
+def cmd_leaderboard_show(args: argparse.Namespace) -> int:
+    from .leaderboard import pivot_table, read_results
+
+    print(pivot_table(read_results(Path(args.file)), args.metric, args.format))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="oodbench",
@@ -178,6 +219,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strict", action="store_true", help="exit 1 if any row is an error")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress display and no table")
     run.set_defaults(func=cmd_run)
+
+    board = sub.add_parser("leaderboard", help="validate, merge and show leaderboard CSVs",
+                           description="Work with results.csv files (schema: leaderboards/README.md).")
+    board_sub = board.add_subparsers(dest="action", required=True)
+    validate = board_sub.add_parser("validate", help="check files against the schema; exit 1 on any problem")
+    validate.add_argument("files", nargs="+")
+    validate.set_defaults(func=cmd_leaderboard_validate)
+    merge = board_sub.add_parser("merge", help="combine results of several runs into one file")
+    merge.add_argument("files", nargs="+")
+    merge.add_argument("--out", "-o", required=True, help="merged results CSV to write")
+    merge.add_argument("--prefer", choices=["first", "last"], help="which file wins when rows conflict "
+                       "(default: refuse conflicts)")
+    merge.set_defaults(func=cmd_leaderboard_merge)
+    show = board_sub.add_parser("show", help="detectors x sources table of one metric, mean ± std over seeds")
+    show.add_argument("file")
+    show.add_argument("--metric", default="auroc", choices=["auroc", "aupr_in", "aupr_out", "fpr_at_95tpr",
+                                                              "detection_error", "mannwhitney_p"])
+    show.add_argument("--format", default="github", choices=["github", "markdown", "csv", "html"])
+    show.set_defaults(func=cmd_leaderboard_show)
 
     lst = sub.add_parser("list", help="list installed plugins", description="List every dataset, model, attack, "
                          "detector and benchmark that installed plugins provide, with the providing distribution.")

@@ -7,8 +7,10 @@ timings or dates: the same command gives the same file. ``summary.csv`` has mean
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -39,6 +41,9 @@ def results_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
 
 def summary_frame(results: pd.DataFrame) -> pd.DataFrame:
+    results = results.copy()
+    for metric in METRICS:
+        results[metric] = pd.to_numeric(results[metric], errors="coerce")
     ok = results[results["status"] == "ok"]
     rows = []
     for keys, group in results.groupby(SUMMARY_KEYS, sort=True):
@@ -108,6 +113,10 @@ def pivot_table(results: pd.DataFrame, metric: str = "auroc", fmt: str = "github
             line.append(text)
         table.append(line)
     transposed = [["source", *detectors]] + [[s] + [row[i + 1] for row in table] for i, s in enumerate(sources)]
+    if fmt == "csv":
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(transposed)
+        return buffer.getvalue().rstrip("\n")
     return tabulate(transposed[1:], headers=transposed[0], tablefmt="github" if fmt == "markdown" else fmt,
                     disable_numparse=True)
 
@@ -115,3 +124,98 @@ def pivot_table(results: pd.DataFrame, metric: str = "auroc", fmt: str = "github
 def _source_order(source: str) -> tuple[int, str]:
     kind = source.split(":", 1)[0]
     return ({"mistakes": 0, "adv": 1, "ood": 2}.get(kind, 3), source)
+
+
+# --------------------------------------------------------------------------------------
+# Validation and merging of published files
+# --------------------------------------------------------------------------------------
+_INT_COLUMNS = ("schema_version", "seed", "n_pos", "n_neg", "n_holdout")
+_SOURCE_PATTERN = r"^(mistakes|ood:[^:\s]+|adv:[^:\s]+:[0-9.eE+-]+:(flipped|all))$"
+_PROVENANCE = ("detector_plugin", "detector_version", "detector_options", "benchmark_sha256", "oodbench_version")
+MAX_PROBLEMS = 200
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    """A results CSV as strings (no type guessing), or ``ValueError`` saying why it cannot be read."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", engine="python",
+                           on_bad_lines="error")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: empty file, expected a header row") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, csv.Error, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{path}: not a readable CSV: {reason}") from None
+
+
+def validate_frame(frame: pd.DataFrame, name: str = "results.csv") -> list[str]:
+    """Every problem of a results table, as ``file:row N: column: problem`` (row 2 = first data row)."""
+    problems: list[str] = []
+    missing = [c for c in RESULT_COLUMNS if c not in frame.columns]
+    if missing:
+        problems.append(f"{name}: missing columns: {', '.join(missing)}")
+    unknown = [c for c in frame.columns if c not in RESULT_COLUMNS]
+    if unknown:
+        problems.append(f"{name}: unknown columns: {', '.join(map(str, unknown))}")
+    if missing:
+        return problems
+    source_re = re.compile(_SOURCE_PATTERN)
+
+    def add(row: int, column: str, message: str) -> None:
+        if len(problems) < MAX_PROBLEMS:
+            problems.append(f"{name}:row {row + 2}: {column}: {message}")
+
+    for i, record in enumerate(frame.to_dict("records")):
+        for column in _INT_COLUMNS:
+            value = str(record[column]).strip()
+            if not re.fullmatch(r"-?\d+", value):
+                add(i, column, f"expected an integer, got {value[:40]!r}")
+        if str(record["schema_version"]).strip() not in ("1",):
+            add(i, "schema_version", f"unsupported schema version {str(record['schema_version'])[:20]!r}")
+        if not source_re.match(str(record["source"])):
+            add(i, "source", f"not a source name (mistakes, ood:NAME, adv:ATTACK:EPS:flipped|all): {str(record['source'])[:60]!r}")
+        status = str(record["status"])
+        if status not in ("ok", "error"):
+            add(i, "status", f"must be ok or error, got {status[:20]!r}")
+        for column in ("benchmark", "model", "detector"):
+            if not str(record[column]).strip():
+                add(i, column, "empty")
+        for column in _PROVENANCE:
+            if not str(record[column]).strip():
+                add(i, column, "missing provenance")
+        for metric in METRICS:
+            text = str(record[metric]).strip()
+            if status != "ok":
+                continue
+            try:
+                value = float(text)
+            except ValueError:
+                add(i, metric, f"expected a number, got {text[:40]!r}")
+                continue
+            if not 0.0 <= value <= 1.0:
+                add(i, metric, f"{value} is outside [0, 1]")
+        if status == "error" and not str(record["error"]).strip():
+            add(i, "error", "an error row must say why")
+    duplicated = frame.duplicated(KEY_COLUMNS, keep="first")
+    for i in duplicated[duplicated].index[:MAX_PROBLEMS]:
+        add(int(i), ",".join(KEY_COLUMNS), "duplicate key " + "/".join(str(frame.loc[i, c]) for c in KEY_COLUMNS))
+    return problems
+
+
+def merge_frames(frames: list[pd.DataFrame], prefer: str | None = None) -> pd.DataFrame:
+    """Combine result tables; identical duplicate rows collapse, conflicting ones are refused.
+
+    ``prefer="last"`` or ``"first"`` lets the later or earlier file win a conflict instead.
+    """
+    combined = pd.concat(frames, ignore_index=True)
+    combined = combined.drop_duplicates()
+    conflicts = combined[combined.duplicated(KEY_COLUMNS, keep=False)]
+    if len(conflicts) and prefer is None:
+        keys = conflicts[KEY_COLUMNS].drop_duplicates().head(5).astype(str).agg("/".join, axis=1).tolist()
+        raise ValueError(f"{conflicts[KEY_COLUMNS].drop_duplicates().shape[0]} keys have conflicting rows "
+                         f"(e.g. {', '.join(keys)}); choose --prefer first or --prefer last")
+    combined = combined.drop_duplicates(KEY_COLUMNS, keep=prefer or "first")
+    combined = combined.copy()
+    combined["seed"] = combined["seed"].astype(int)
+    return combined.sort_values(KEY_COLUMNS, kind="stable").reset_index(drop=True)

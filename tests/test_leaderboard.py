@@ -1,0 +1,109 @@
+"""Leaderboard files: validate (hand-made problems and fuzzing), merge, show."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from oodbench.leaderboard import merge_frames, pivot_table, read_results, validate_frame
+
+PUBLISHED = Path(__file__).resolve().parents[1] / "leaderboards" / "digits" / "results.csv"
+
+
+@pytest.fixture(scope="module")
+def published() -> pd.DataFrame:
+    return read_results(PUBLISHED)
+
+
+def test_published_leaderboard_is_valid(published):
+    assert validate_frame(published) == []
+
+
+def test_every_kind_of_problem_is_reported_with_row_and_column(published):
+    bad = published.head(4).copy()
+    bad.loc[0, "auroc"] = "1.7"
+    bad.loc[1, "seed"] = "zero"
+    bad.loc[2, "source"] = "ood"
+    bad.loc[3, "detector_plugin"] = ""
+    bad = pd.concat([bad, bad.iloc[[0]]], ignore_index=True)
+    problems = validate_frame(bad, "f.csv")
+    assert "f.csv:row 2: auroc: 1.7 is outside [0, 1]" in problems
+    assert "f.csv:row 3: seed: expected an integer, got 'zero'" in problems
+    assert any(p.startswith("f.csv:row 4: source: not a source name") for p in problems)
+    assert "f.csv:row 5: detector_plugin: missing provenance" in problems
+    assert any(p.startswith("f.csv:row 6: benchmark,model,detector,source,seed: duplicate key") for p in problems)
+    assert validate_frame(published.drop(columns=["auroc"]), "g.csv") == ["g.csv: missing columns: auroc"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=2000) | st.text(max_size=2000).map(str.encode))
+def test_validate_never_crashes_on_garbage(tmp_path, blob):
+    path = tmp_path / "garbage.csv"
+    path.write_bytes(blob)
+    try:
+        frame = read_results(path)
+    except ValueError as exc:
+        assert str(path) in str(exc)
+        return
+    assert isinstance(validate_frame(frame, "garbage.csv"), list)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=30), min_size=1, max_size=8),
+       st.sampled_from([",", ";", "\t", "|"]))
+def test_validate_reports_wrong_delimiters_and_cells(tmp_path, published, cells, delimiter):
+    path = tmp_path / "mixed.csv"
+    header = delimiter.join(published.columns)
+    path.write_text(header + "\n" + delimiter.join(cells) + "\n", encoding="utf-8")
+    try:
+        frame = read_results(path)
+    except ValueError:
+        return
+    problems = validate_frame(frame, "mixed.csv")
+    if len(frame) and (delimiter != "," or len(cells) != len(published.columns)):
+        assert problems
+
+
+def test_huge_field_is_a_clear_error(tmp_path, published):
+    path = tmp_path / "huge.csv"
+    path.write_text(",".join(published.columns) + "\n" + "x" * 300_000 + "\n")
+    try:
+        problems = validate_frame(read_results(path))
+        assert problems
+    except ValueError as exc:
+        assert "huge.csv" in str(exc)
+
+
+def test_merge_collapses_identical_rows_and_refuses_conflicts(published):
+    seed0, seed1 = published[published["seed"] == "0"], published[published["seed"] == "1"]
+    merged = merge_frames([seed0, pd.concat([seed0, seed1])])
+    assert len(merged) == len(seed0) + len(seed1)
+    changed = seed0.copy()
+    changed.loc[changed.index[0], "auroc"] = "0.5"
+    with pytest.raises(ValueError, match="1 keys have conflicting rows"):
+        merge_frames([seed0, changed])
+    key = tuple(changed.loc[changed.index[0], ["detector", "source"]])
+    for prefer, expected in (("last", "0.5"), ("first", seed0.loc[seed0.index[0], "auroc"])):
+        merged = merge_frames([seed0, changed], prefer=prefer).set_index(["detector", "source"])
+        assert len(merged) == len(seed0) and merged.loc[key, "auroc"] == expected
+
+
+def test_show_marks_the_best_and_has_every_format(published):
+    table = pivot_table(published, "auroc", "markdown")
+    assert table.splitlines()[0].startswith("| source")
+    assert "**" in table and "±" in table
+    assert pivot_table(published, "auroc", "html").startswith("<table>")
+    assert pivot_table(published, "fpr_at_95tpr", "csv").splitlines()[0].startswith("source,gmm")
+
+
+def test_cli_validate_exit_codes(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"\x00\x01garbage")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "oodbench.cli", "leaderboard", *a],
+                                    capture_output=True, text=True, timeout=120)
+    assert run("validate", str(PUBLISHED)).returncode == 0
+    done = run("validate", str(bad))
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "bad.csv" in done.stdout
