@@ -109,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, progress=not args.quiet,
     )
     result = run_benchmark(opts, registry)
-    files = write_run(out, result.rows, result.timings, result.meta)
+    files = write_run(out, result.rows, result.timings, result.meta, result.scores)
     frame = results_frame(result.rows)
     if not args.quiet:
         accuracy = ", ".join(f"{m['test_accuracy']:.3f}" for m in result.meta["per_seed"])
@@ -122,7 +122,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     for _, row in errors.drop_duplicates(["detector", "error"]).iterrows():
         print(f"oodbench: {row['detector']} on {row['source']} (seed {row['seed']}): {row['error']}", file=sys.stderr)
     print(f"\nwrote {files['results']} and {files['summary']} ({len(frame)} rows, {len(errors)} errors)")
+    if args.report:
+        _report(out, out / "report.html")
     return 1 if (args.strict and len(errors)) else 0
+
+
+def _report(run_dir: Path, out: Path) -> None:
+    from .report import write_report
+
+    try:
+        plots = write_report(run_dir, out)
+    except OSError as exc:
+        raise ValueError(f"cannot write the report: {exc}") from None
+    print(f"wrote {out}" + (f" and {len(plots)} plot files under {out.parent / 'plots'}" if plots else " (no plots)"))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    _report(run_dir, Path(args.out) if args.out else run_dir / "report.html")
+    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -218,7 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metric", default="auroc", help="metric of the printed table (default auroc)")
     run.add_argument("--strict", action="store_true", help="exit 1 if any row is an error")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress display and no table")
+    run.add_argument("--report", action="store_true", help="also write report.html and the plots (plots/) into "
+                     "the output folder, as 'oodbench report' does")
     run.set_defaults(func=cmd_run)
+
+    report = sub.add_parser("report", help="write an HTML report of a run folder",
+                            description="Write one self-contained HTML page about a run folder: AUROC, FPR at 95% "
+                            "TPR and Mann-Whitney U tables, ROC and precision-recall curves and score histograms "
+                            "per failure source, failed rows and provenance. The plots are also written as PNG and "
+                            "SVG files under plots/ next to the page. Needs results.csv; without scores.npz the "
+                            "page has the tables only.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="folder written by 'oodbench run' (holds results.csv)")
+    report.add_argument("--out", "-o", metavar="FILE", help="HTML file to write (default RUN_DIR/report.html)")
+    report.set_defaults(func=cmd_report)
 
     board = sub.add_parser("leaderboard", help="validate, merge and show leaderboard CSVs",
                            description="Work with results.csv files (schema: leaderboards/README.md).")

@@ -4,6 +4,8 @@
 of ``RESULT_COLUMNS`` in that order, sorted by those keys, so diffs read well. It holds no
 timings or dates: the same command gives the same file. ``summary.csv`` has mean, std and
 ``n_seeds`` of every metric per (benchmark, model, detector, source) over the ok rows.
+``scores.npz`` keeps the per-input scores behind the ok rows, for plots; it is a per-run
+artefact, not part of the published schema.
 """
 from __future__ import annotations
 
@@ -11,9 +13,12 @@ import csv
 import io
 import json
 import re
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
@@ -29,6 +34,8 @@ RESULT_COLUMNS = [
     "benchmark_sha256", "device", "oodbench_version",
 ]
 SUMMARY_KEYS = ["benchmark", "model", "detector", "source"]
+SCORES_FILE = "scores.npz"
+ScoreKey = tuple[str, str, int]  # (detector, source, seed)
 
 
 def results_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
@@ -65,8 +72,13 @@ def _csv_text(frame: pd.DataFrame) -> str:
     return buffer.getvalue()
 
 
-def write_run(out_dir: Path, rows: list[dict], timings: list[dict], meta: dict) -> dict[str, Path]:
-    """Write results.csv, summary.csv, timings.csv and run.json atomically; return their paths."""
+def write_run(out_dir: Path, rows: list[dict], timings: list[dict], meta: dict,
+              scores: dict[ScoreKey, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, Path]:
+    """Write results.csv, summary.csv, timings.csv, run.json and scores.npz atomically; return their paths.
+
+    Without ``scores`` no scores.npz is written and one left in ``out_dir`` by an earlier run is
+    removed, since it would describe other rows than the new results.csv.
+    """
     out_dir = Path(out_dir)
     results = results_frame(rows)
     files = {
@@ -81,38 +93,116 @@ def write_run(out_dir: Path, rows: list[dict], timings: list[dict], meta: dict) 
     atomic_write(files["timings"], lambda f: f.write(_csv_text(timing_frame)), mode="w")
     tracebacks = [{k: r[k] for k in ("detector", "source", "seed", "traceback")} for r in rows if r.get("traceback")]
     atomic_write(files["run"], lambda f: json.dump({**meta, "tracebacks": tracebacks}, f, indent=2, sort_keys=True), mode="w")
+    if scores is None:
+        (out_dir / SCORES_FILE).unlink(missing_ok=True)
+    else:
+        files["scores"] = out_dir / SCORES_FILE
+        write_scores(files["scores"], scores)
     return files
 
 
-def pivot_table(results: pd.DataFrame, metric: str = "auroc", fmt: str = "github") -> str:
-    """Detectors x sources, ``metric`` as mean ± std over seeds; best per source in bold/starred."""
+def scores_key(detector: str, source: str, seed: int, side: str) -> str:
+    """The scores.npz member of one side (``pos`` or ``neg``) of one row: ``detector|source|seed|side``."""
+    return f"{detector}|{source}|{int(seed)}|{side}"
+
+
+def write_scores(path: Path, scores: dict[ScoreKey, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Store every row's positive and negative scores as float64 members of one compressed npz.
+
+    float64 because the metrics were computed from exactly these values: float32 could merge
+    near-equal scores into ties and change an AUROC. Scores that came from float32 have zero low
+    mantissa bits, which compress well. Members are sorted and stamped with a fixed date
+    (``np.savez_compressed`` stamps the current time), so the same run gives the same bytes.
+    """
+    arrays = {}
+    by_key = sorted(scores.items(), key=lambda item: (item[0][0], item[0][1], int(item[0][2])))
+    for (detector, source, seed), (pos, neg) in by_key:
+        arrays[scores_key(detector, source, seed, "pos")] = np.asarray(pos, np.float64)
+        arrays[scores_key(detector, source, seed, "neg")] = np.asarray(neg, np.float64)
+    atomic_write(Path(path), lambda f: _write_npz(f, arrays))
+
+
+def _write_npz(file, arrays: dict[str, np.ndarray]) -> None:
+    with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, array in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, array, allow_pickle=False)
+            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, member.getvalue())
+
+
+def read_scores(path: Path, keys: Iterable[ScoreKey]) -> dict[ScoreKey, tuple[np.ndarray, np.ndarray]]:
+    """The (positives, negatives) scores of each asked (detector, source, seed) that ``path`` holds.
+
+    Members are looked up by name rather than parsed, so '|' inside a detector's options cannot
+    confuse the key. Raises ``ValueError`` naming the file when it cannot be read or a member is
+    not a non-empty 1-D array of finite numbers.
+    """
+    names = {key: (scores_key(*key, "pos"), scores_key(*key, "neg")) for key in keys}
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a .npy file gives a plain array
+            raise ValueError("not an npz archive")
+        with data:
+            members = set(data.files)
+            loaded = {name: data[name] for pair in names.values() if set(pair) <= members for name in pair}
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ValueError(f"{path}: not a readable npz file: {exc or type(exc).__name__}") from None
+    for name, values in loaded.items():
+        if values.ndim != 1 or not len(values) or values.dtype.kind not in "iuf" or not np.isfinite(values).all():
+            raise ValueError(f"{path}: member {name!r} is not a non-empty 1-D array of finite numbers")
+    return {(detector, source, int(seed)): (loaded[pos].astype(np.float64), loaded[neg].astype(np.float64))
+            for (detector, source, seed), (pos, neg) in names.items() if pos in loaded}
+
+
+def pivot_cells(results: pd.DataFrame, metric: str = "auroc", number: str = "{:.3f}"
+                ) -> tuple[list[str], list[str], dict[tuple[str, str], tuple[str, bool]]]:
+    """Sources (display order), detectors, and per (source, detector) the text and whether it is best.
+
+    The text is ``metric`` as mean ± std over seeds (the mean alone with one seed), each number
+    formatted with ``number``, or ``error`` when no seed of that cell succeeded. Best is the
+    highest mean of the source, the lowest for metrics where lower is better.
+    """
     summary = summary_frame(results)
     if summary.empty:
-        return "(no results)"
+        return [], [], {}
     higher_is_better = metric not in ("fpr_at_95tpr", "detection_error", "mannwhitney_p")
     sources = sorted(summary["source"].unique(), key=_source_order)
     detectors = sorted(summary["detector"].unique())
-    table = []
     best = {}
     for source in sources:
         column = summary[summary["source"] == source].set_index("detector")[f"{metric}_mean"].dropna()
         if len(column):
             best[source] = column.max() if higher_is_better else column.min()
-    mark = "**" if fmt in ("github", "markdown") else "*"
+    cells = {}
     for detector in detectors:
-        line = [detector]
         for source in sources:
             cell = summary[(summary["source"] == source) & (summary["detector"] == detector)]
             if cell.empty or cell.iloc[0]["n_seeds"] == 0:
-                line.append("error")
+                cells[source, detector] = ("error", False)
                 continue
             mean, std, n = cell.iloc[0][f"{metric}_mean"], cell.iloc[0][f"{metric}_std"], cell.iloc[0]["n_seeds"]
-            text = f"{mean:.3f}" + (f" ± {std:.3f}" if n > 1 else "")
-            if source in best and mean == best[source]:
-                text = f"{mark}{text}{mark}" if fmt in ("github", "markdown") else text + mark
-            line.append(text)
-        table.append(line)
-    transposed = [["source", *detectors]] + [[s] + [row[i + 1] for row in table] for i, s in enumerate(sources)]
+            text = number.format(mean) + (f" ± {number.format(std)}" if n > 1 else "")
+            cells[source, detector] = (text, bool(source in best and mean == best[source]))
+    return sources, detectors, cells
+
+
+def pivot_table(results: pd.DataFrame, metric: str = "auroc", fmt: str = "github") -> str:
+    """Detectors x sources, ``metric`` as mean ± std over seeds; best per source in bold/starred."""
+    sources, detectors, cells = pivot_cells(results, metric)
+    if not sources:
+        return "(no results)"
+    mark = "**" if fmt in ("github", "markdown") else "*"
+
+    def shown(text: str, best: bool) -> str:
+        if not best:
+            return text
+        return f"{mark}{text}{mark}" if fmt in ("github", "markdown") else text + mark
+
+    transposed = [["source", *detectors]] + [[s, *(shown(*cells[s, d]) for d in detectors)] for s in sources]
     if fmt == "csv":
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(transposed)

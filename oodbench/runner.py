@@ -97,6 +97,9 @@ class RunResult:
     rows: list[dict[str, Any]]
     timings: list[dict[str, Any]]
     meta: dict[str, Any]
+    # (detector, source, seed) -> (positives' scores, negatives' scores) of every ok row, kept so that
+    # curves and histograms can be drawn after the run; float64, exactly what the metrics saw.
+    scores: dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def choose_device(name: str = "auto") -> torch.device:
@@ -120,6 +123,7 @@ class _SeedRun:
         self.bench = opts.benchmark
         self.batch_size = opts.batch_size or self.bench.batch_size
         self._id_sets: dict[str, ImageSet] = {}
+        self.scores: dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray]] = {}  # filled by detector_rows
 
     # -- data ------------------------------------------------------------------------
     def _dataset(self, ref_name: str, options: dict[str, Any]):
@@ -337,6 +341,9 @@ class _SeedRun:
                 row.update(compute_all(pos, neg), status="ok", error="")
                 if not (len(pos) and len(neg)):
                     row.update(status="error", error=f"no {'positives' if not len(pos) else 'negatives'} to evaluate")
+                else:
+                    self.scores[(spec.label, source.name, self.seed)] = (np.asarray(pos, np.float64),
+                                                                         np.asarray(neg, np.float64))
             except Exception as exc:
                 row.update(compute_all(np.empty(0), np.empty(0)), status="error", error=_describe(exc))
                 if not isinstance(exc, (_FitFailed, _SourceFailed, PluginError)):
@@ -448,13 +455,15 @@ def run_benchmark(opts: RunOptions, registry: Registry) -> RunResult:
         resolve_options(registry.get("detectors", spec.name), spec.options)
     cache = Cache(opts.cache_dir)
     progress = Progress(enabled=opts.progress)
-    rows, timings, per_seed = [], [], []
+    rows, timings, per_seed, scores = [], [], [], {}
     started = time.perf_counter()
     for seed in opts.seeds:
-        r, t, meta = _SeedRun(opts, registry, cache, progress, seed).run(opts.detectors)
+        seed_run = _SeedRun(opts, registry, cache, progress, seed)
+        r, t, meta = seed_run.run(opts.detectors)
         rows += r
         timings += t
         per_seed.append(meta)
+        scores.update(seed_run.scores)
     meta = {
         "schema_version": SCHEMA_VERSION,
         "oodbench_version": __version__,
@@ -467,4 +476,4 @@ def run_benchmark(opts: RunOptions, registry: Registry) -> RunResult:
         "wall_seconds": time.perf_counter() - started,
         "per_seed": per_seed,
     }
-    return RunResult(rows, timings, meta)
+    return RunResult(rows, timings, meta, scores)
