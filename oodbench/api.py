@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 #: What a detector may declare in ``Detector.needs``.
-NEEDS = frozenset({"logits", "features", "labels", "images", "gradients"})
+NEEDS = frozenset({"logits", "features", "layers", "labels", "images", "gradients"})
 
 
 class PluginError(Exception):
@@ -128,7 +128,11 @@ class ClassifierHandle:
     """The trained classifier as plugins use it: batched, on the run's device, passes counted.
 
     The wrapped network maps [0, 1] images to logits and must provide
-    ``forward_features(x) -> (logits, penultimate_features)``.
+    ``forward_features(x) -> (logits, penultimate_features)``. It may also provide
+    ``forward_layers(x) -> (logits, penultimate_features, [intermediate outputs])`` for
+    detectors that read intermediate layers (Lee et al.'s feature ensemble); each
+    intermediate output (N x C x H x W, or N x D) is reduced to its per-channel spatial mean,
+    as in Lee et al.'s code.
     """
 
     def __init__(self, network: torch.nn.Module, device: torch.device, batch_size: int = 512):
@@ -143,6 +147,21 @@ class ClassifierHandle:
         per_activity = self.passes.setdefault(self._activity, {"forward": 0, "forward_backward": 0})
         per_activity[kind] += n
 
+    @property
+    def has_layers(self) -> bool:
+        """Whether the network exposes intermediate layers (``forward_layers``)."""
+        return callable(getattr(self.network, "forward_layers", None))
+
+    def _forward(self, x: torch.Tensor, layers: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        if not layers:
+            logits, feats = self.network.forward_features(x)
+            return logits, feats.flatten(1), []
+        if not self.has_layers:
+            raise PluginError(f"the classifier ({type(self.network).__name__}) exposes no intermediate layers "
+                              "(no forward_layers method)")
+        logits, feats, maps = self.network.forward_layers(x)
+        return logits, feats.flatten(1), [m.flatten(2).mean(2) if m.dim() > 2 else m for m in maps]
+
     def activity(self, name: str) -> "_Activity":
         """Attribute passes made inside the ``with`` block to ``name`` (e.g. ``extract:test``)."""
         return _Activity(self, name)
@@ -150,16 +169,23 @@ class ClassifierHandle:
     @torch.inference_mode()
     def outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, penultimate features) of a batch of [0, 1] images, on CPU, float32."""
-        logits, feats = [], []
+        logits, feats, _ = self.outputs_and_layers(images, layers=False)
+        return logits, feats
+
+    @torch.inference_mode()
+    def outputs_and_layers(self, images: torch.Tensor, layers: bool = True
+                           ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(logits, penultimate features, [spatial means of intermediate layers]) in one pass each."""
+        chunks = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size].to(self.device, non_blocking=True)
-            out, feat = self.network.forward_features(chunk)
+            out, feat, maps = self._forward(chunk, layers)
             self.count("forward", len(chunk))
-            logits.append(out.float().cpu())
-            feats.append(feat.float().flatten(1).cpu())
-        if not logits:
-            return torch.empty(0), torch.empty(0)
-        return torch.cat(logits), torch.cat(feats)
+            chunks.append((out.float().cpu(), feat.float().cpu(), [m.float().cpu() for m in maps]))
+        if not chunks:
+            return torch.empty(0), torch.empty(0), []
+        return (torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]),
+                [torch.cat([c[2][i] for c in chunks]) for i in range(len(chunks[0][2]))])
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.outputs(images)[0]
@@ -167,19 +193,22 @@ class ClassifierHandle:
     def input_gradient(
         self,
         images: torch.Tensor,
-        objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        objective: Callable[..., torch.Tensor],
+        layers: bool = False,
     ) -> torch.Tensor:
         """d objective / d images for a batch, one forward+backward per image.
 
         ``objective(logits, features)`` returns one value per image; images do not interact,
-        so the gradient of the sum is each image's own gradient. Returned on CPU.
+        so the gradient of the sum is each image's own gradient. With ``layers=True`` it is
+        called as ``objective(logits, features, layer_means)`` (see ``outputs_and_layers``).
+        Returned on CPU.
         """
         grads = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size].to(self.device).detach().requires_grad_(True)
             with torch.enable_grad():
-                logits, feats = self.network.forward_features(chunk)
-                value = objective(logits, feats.flatten(1))
+                logits, feats, maps = self._forward(chunk, layers)
+                value = objective(logits, feats, maps) if layers else objective(logits, feats)
                 (grad,) = torch.autograd.grad(value.sum(), chunk)
             self.count("forward_backward", len(chunk))
             grads.append(grad.cpu())
@@ -205,7 +234,9 @@ class SplitView:
     """One set of inputs as a detector sees it: cached classifier outputs, and access on demand.
 
     ``logits`` (N x C) and ``features`` (N x D, penultimate layer) are float32 NumPy arrays
-    computed once per (model, data) and shared by every detector. ``labels`` exist only on the
+    computed once per (model, data) and shared by every detector; ``layers`` (a list of
+    N x C_l arrays, spatial means of intermediate layers) exist when the classifier exposes
+    them and a detector of the run declares ``"layers"``. ``labels`` exist only on the
     in-distribution fit splits and only for detectors that declare ``"labels"``; ``images``
     only for detectors that declare ``"images"`` or ``"gradients"``. Asking for what was not
     declared raises, so the contract is enforced, not just documented.
@@ -220,12 +251,14 @@ class SplitView:
         labels: np.ndarray | None = None,
         allowed: frozenset[str] = NEEDS,
         key: str = "",
+        layers: list[np.ndarray] | None = None,
     ):
         self.name = name
         #: content key of (classifier, inputs); the core uses it to cache scores
         self.key = key
         self._logits, self._features, self._images, self._labels = logits, features, images, labels
         self._allowed = allowed
+        self._layers = layers
 
     def __len__(self) -> int:
         return len(self._logits)
@@ -246,6 +279,14 @@ class SplitView:
     def features(self) -> np.ndarray:
         self._check("features")
         return self._features
+
+    @property
+    def layers(self) -> list[np.ndarray]:
+        self._check("layers")
+        if self._layers is None:
+            raise PluginError(f"no intermediate-layer outputs for {self.name}: the classifier exposes no "
+                              "forward_layers method")
+        return self._layers
 
     @property
     def labels(self) -> np.ndarray:
@@ -269,11 +310,13 @@ class SplitView:
             None if self._labels is None else self._labels[index],
             self._allowed,
             _subset_key(self.key, index),
+            None if self._layers is None else [layer[index] for layer in self._layers],
         )
 
     def restricted(self, allowed: frozenset[str]) -> "SplitView":
         labels = self._labels if "labels" in allowed else None
-        return SplitView(self.name, self._logits, self._features, self._images, labels, allowed, self.key)
+        return SplitView(self.name, self._logits, self._features, self._images, labels, allowed, self.key,
+                         self._layers)
 
 
 def _subset_key(key: str, index: np.ndarray) -> str:
@@ -347,6 +390,8 @@ class Model(Plugin):
 
     ``build`` returns an ``nn.Module`` mapping [0, 1] images to logits, with
     ``forward_features(x) -> (logits, penultimate)``; input normalisation lives inside it.
+    Optionally ``forward_layers(x) -> (logits, penultimate, [intermediate outputs])`` too,
+    for detectors that read intermediate layers (see ``ClassifierHandle``).
     ``train`` fits it in place (skipped when ``trainable`` is False: ``build`` then loads
     the weights). The core caches the trained weights.
     """
@@ -398,7 +443,8 @@ class Detector(Plugin):
     Score direction: **higher = more trustworthy**. Class attributes:
 
     * ``needs``: subset of ``NEEDS`` the detector reads. ``"labels"``: labels of the fit
-      splits; ``"features"``: penultimate features; ``"images"``: raw inputs;
+      splits; ``"features"``: penultimate features; ``"layers"``: spatial means of the
+      classifier's intermediate layers (``SplitView.layers``); ``"images"``: raw inputs;
       ``"gradients"``: the classifier itself (``FitContext.model``) for input gradients.
     * ``tunes_on_source``: the paper tunes hyperparameters on held-out samples of each
       failure source (ODIN). The core then calls ``tune(holdout)`` before scoring a source,

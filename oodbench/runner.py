@@ -180,20 +180,25 @@ class _SeedRun:
 
     def outputs(self, handle: ClassifierHandle, model_key: str, images: ImageSet, activity: str,
                 labels: np.ndarray | None = None) -> SplitView:
-        key = make_key("outputs", model=model_key, images=images.key)
+        # Intermediate layers ride along in the same pass, only when a detector of the run reads them.
+        layers = self.need_layers and handle.has_layers
+        key = make_key("outputs", model=model_key, images=images.key, **({"layers": True} if layers else {}))
 
         def extract() -> dict[str, np.ndarray]:
-            logits, feats = [], []
+            chunks = []
             with handle.activity(f"extract:{activity}"):
                 for batch in self.progress.iterate(images.batches(self.batch_size * 4), f"features {activity}",
                                                    total=math.ceil(len(images) / (self.batch_size * 4))):
-                    out, feat = handle.outputs(batch)
-                    logits.append(out.numpy())
-                    feats.append(feat.numpy())
-            return {"logits": np.concatenate(logits), "features": np.concatenate(feats)}
+                    chunks.append(handle.outputs_and_layers(batch, layers))
+            arrays = {"logits": np.concatenate([c[0].numpy() for c in chunks]),
+                      "features": np.concatenate([c[1].numpy() for c in chunks])}
+            for i in range(len(chunks[0][2]) if chunks else 0):
+                arrays[f"layer{i}"] = np.concatenate([c[2][i].numpy() for c in chunks])
+            return arrays
 
         arrays = self.cache.arrays(key, extract)
-        return SplitView(activity, arrays["logits"], arrays["features"], images, labels, key=key)
+        maps = [arrays[f"layer{i}"] for i in range(sum(k.startswith("layer") for k in arrays))] if layers else None
+        return SplitView(activity, arrays["logits"], arrays["features"], images, labels, key=key, layers=maps)
 
     def adversarial(self, handle: ClassifierHandle, model_key: str, clean: ImageSet, attack_name: str,
                     options: dict[str, Any], eps: float) -> ImageSet:
@@ -386,6 +391,7 @@ class _SeedRun:
 
     def run(self, specs: list[DetectorSpec]) -> tuple[list[dict], list[dict], dict[str, Any]]:
         self.detector_metadata: dict[str, Any] = {}
+        self.need_layers = any("layers" in self.registry.get("detectors", spec.name).target.needs for spec in specs)
         _seed_everything(self.seed)
         handle, model_key, model_entry, model_options = self.classifier()
         train = self.outputs(handle, model_key, self.id_split("train"), "train", self.id_split("train").y)

@@ -10,7 +10,8 @@ In a plugin's tests::
 ``check_detector`` returns the list of violations instead of raising. The kit builds its own
 tiny problem (no dataset or model plugin needed): 4x4 one-channel images, a fixed classifier
 whose logits are minus squared distances to four class prototypes and whose penultimate
-features are the pixels. Positives are inputs near a prototype; negatives are midpoints
+features are the pixels (intermediate layers, for detectors that need ``"layers"``: the
+pixels and the four row means). Positives are inputs near a prototype; negatives are midpoints
 between two prototypes, ambiguous for the classifier and off the data for a density, so any
 sensible detector ranks positives higher.
 """
@@ -35,6 +36,10 @@ class _PrototypeNet(torch.nn.Module):
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = x.flatten(1)
         return -torch.cdist(flat, self.prototypes).pow(2) * 8.0, flat
+
+    def forward_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        logits, flat = self.forward_features(x)
+        return logits, flat, [flat, x.mean(-1).flatten(1)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[0]
@@ -67,9 +72,9 @@ class ToyProblem:
         self.neg = mid.clip(0, 1).astype(np.float32).reshape(64, 1, 4, 4)
 
     def view(self, name: str, x: np.ndarray, labels: np.ndarray | None, allowed: frozenset[str]) -> SplitView:
-        logits, feats = self.handle.outputs(torch.from_numpy(x))
+        logits, feats, layers = self.handle.outputs_and_layers(torch.from_numpy(x), "layers" in allowed)
         return SplitView(name, logits.numpy(), feats.numpy(), ImageSet(x, labels, name, self.classes),
-                         labels, allowed, key=name)
+                         labels, allowed, key=name, layers=[layer.numpy() for layer in layers] or None)
 
 
 def check_detector(cls: type, options: dict[str, Any] | None = None, seed: int = 0) -> list[str]:

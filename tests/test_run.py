@@ -54,6 +54,9 @@ def test_every_installed_detector_is_finite_on_every_source(registry, shared_cac
     # Feature densities see what softmax confidence misses: natural photographs are far from
     # every digit's features, yet the CNN is confident on many of them.
     assert by[("gmm", "ood:natural-patches")] > by[("msp", "ood:natural-patches")] + 0.2
+    # Lee et al.'s Table 2: the feature ensemble with preprocessing beats the penultimate layer on attacks.
+    for source in ("adv:fgsm:0.1:all", "adv:bim:0.1:all"):
+        assert by[("mahalanobis-ensemble", source)] > by[("mahalanobis", source)] + 0.05, source
     published = pd.read_csv(Path(__file__).resolve().parents[1] / "leaderboards" / "digits" / "results.csv")
     published = published[published["seed"] == 0].set_index(["detector", "source"]).sort_index()
     mine = frame.set_index(["detector", "source"]).sort_index()

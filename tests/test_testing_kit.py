@@ -10,6 +10,7 @@ FAST_OPTIONS = {  # the kit's problem is tiny; shorten the slow trainers
     "waic": {"M": 2}, "gmm-1000": {}, "odin": {"temperatures": (1, 10, 1000), "epsilons": (0.0, 0.002)},
     "odin-nood": {"temperatures": (1, 1000), "epsilons": (0.0, 0.002)},
     "mahalanobis-pre": {"epsilons": (0.0, 0.002)},
+    "mahalanobis-ensemble": {"epsilons": (0.0, 0.002)}, "mahalanobis-ensemble-nood": {"epsilons": (0.0, 0.002)},
 }
 
 

@@ -4,7 +4,7 @@ from oodbench import hookimpl
 
 @hookimpl
 def oodbench_register_detectors(register):
-    from . import gmm, mahalanobis, maf, odin, pixelcnn, softmax, temperature, vae, waic
+    from . import gmm, mahalanobis, mahalanobis_ensemble, maf, odin, pixelcnn, softmax, temperature, vae, waic
 
     register(softmax.MaxSoftmax)
     register(softmax.MaxLogit)
@@ -13,6 +13,8 @@ def oodbench_register_detectors(register):
     register(odin.OdinNoOOD)
     register(mahalanobis.Mahalanobis)
     register(mahalanobis.MahalanobisPreprocessed)
+    register(mahalanobis_ensemble.MahalanobisEnsemble)
+    register(mahalanobis_ensemble.MahalanobisEnsembleNoOOD)
     register(gmm.ZhengHong)
     register(gmm.FeatureGMM)
     register(gmm.FeatureGMM, name="gmm-100", k=100)

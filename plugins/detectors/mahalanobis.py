@@ -15,6 +15,40 @@ from .odin import fgsm
 LEE_EPSILONS = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01, 0.05, 0.1, 0.2)
 
 
+def fit_tied_gaussian(features: np.ndarray, labels: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Class means and tied covariance as (W, mu W) with W W^T = Sigma^+ (see ``Mahalanobis``)."""
+    feats = np.asarray(features, dtype=np.float64)
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    means = np.stack([feats[labels == c].mean(0) for c in classes])
+    centered = feats - means[np.searchsorted(classes, labels)]
+    covariance = centered.T @ centered / len(feats)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    # pinvh's default cutoff: what is below it is rounding noise, not variance.
+    keep = eigenvalues > len(eigenvalues) * np.finfo(np.float64).eps * max(eigenvalues.max(), 0.0)
+    if not keep.any():
+        raise PluginError(f"{name}: the training features have zero within-class variance")
+    whiten = eigenvectors[:, keep] / np.sqrt(eigenvalues[keep])
+    return whiten, means @ whiten
+
+
+def min_distance(whiten: np.ndarray, centers: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """min_c ||f W - mu_c W||^2 per row of ``features``, in float64."""
+    whitened = np.asarray(features, dtype=np.float64) @ whiten
+    out = np.empty(len(whitened))
+    rows = max(1, 2**22 // centers.size)  # bounds the rows x classes x dims difference array
+    for start in range(0, len(whitened), rows):
+        diff = whitened[start:start + rows, None, :] - centers[None]
+        out[start:start + rows] = np.einsum("nkd,nkd->nk", diff, diff).min(1)
+    return out
+
+
+def closest_distance_torch(features: torch.Tensor, whiten: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Differentiable min_c distance (float64); min's gradient is the closest class's."""
+    diff = (features.double() @ whiten)[:, None, :] - centers[None]
+    return (diff * diff).sum(-1).min(1).values
+
+
 class Mahalanobis(Detector):
     """Mahalanobis score: minus the distance to the closest class mean under one tied covariance.
 
@@ -34,10 +68,10 @@ class Mahalanobis(Detector):
     form, which cancels). Computed in float64. Classes without training samples get no mean.
     Needs: features, labels (of the training split). No options.
 
-    Deviation: the paper's best results combine the scores of several intermediate layers
-    with a logistic regression; oodbench exposes only the penultimate layer, so this is the
-    paper's single-layer (penultimate) score, without input preprocessing (see
-    ``mahalanobis-pre`` for that).
+    This is the paper's single-layer (penultimate) score without input preprocessing;
+    ``mahalanobis-pre`` adds the preprocessing, and ``mahalanobis-ensemble`` (and its
+    ``-nood`` variant) the paper's full method: preprocessing and a logistic regression
+    over the scores of several intermediate layers.
     """
 
     name = "mahalanobis"
@@ -48,21 +82,9 @@ class Mahalanobis(Detector):
         self._centers: np.ndarray | None = None
 
     def fit(self, ctx: FitContext) -> None:
-        feats = ctx.train.features.astype(np.float64)
-        labels = np.asarray(ctx.train.labels)
-        if not len(feats):
+        if not len(ctx.train):
             raise PluginError(f"{self.name}: the training split is empty")
-        classes = np.unique(labels)
-        means = np.stack([feats[labels == c].mean(0) for c in classes])
-        centered = feats - means[np.searchsorted(classes, labels)]
-        covariance = centered.T @ centered / len(feats)
-        eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-        # pinvh's default cutoff: what is below it is rounding noise, not variance.
-        keep = eigenvalues > len(eigenvalues) * np.finfo(np.float64).eps * max(eigenvalues.max(), 0.0)
-        if not keep.any():
-            raise PluginError(f"{self.name}: the training features have zero within-class variance")
-        self._whiten = eigenvectors[:, keep] / np.sqrt(eigenvalues[keep])
-        self._centers = means @ self._whiten
+        self._whiten, self._centers = fit_tied_gaussian(ctx.train.features, ctx.train.labels, self.name)
 
     def _fitted(self) -> tuple[np.ndarray, np.ndarray]:
         if self._whiten is None or self._centers is None:
@@ -71,14 +93,7 @@ class Mahalanobis(Detector):
 
     def min_distance(self, features: np.ndarray) -> np.ndarray:
         """min_c (f - mu_c)^T Sigma^+ (f - mu_c) for each row of ``features``."""
-        whiten, centers = self._fitted()
-        whitened = np.asarray(features, dtype=np.float64) @ whiten
-        out = np.empty(len(whitened))
-        rows = max(1, 2**22 // centers.size)  # bounds the rows x classes x dims difference array
-        for start in range(0, len(whitened), rows):
-            diff = whitened[start:start + rows, None, :] - centers[None]
-            out[start:start + rows] = np.einsum("nkd,nkd->nk", diff, diff).min(1)
-        return out
+        return min_distance(*self._fitted(), features)
 
     def score(self, view: SplitView) -> np.ndarray:
         return -self.min_distance(view.features)
@@ -131,12 +146,8 @@ class MahalanobisPreprocessed(Mahalanobis):
     def direction(self, model: ClassifierHandle, images: torch.Tensor) -> torch.Tensor:
         """sign(grad_x of the distance to the closest class): one forward+backward per image."""
         whiten, centers = (torch.from_numpy(a).to(model.device) for a in self._fitted())
-
-        def closest_distance(logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-            diff = (features.double() @ whiten)[:, None, :] - centers[None]
-            return (diff * diff).sum(-1).min(1).values  # min's gradient is the closest class's
-
-        return model.input_gradient(images, closest_distance).sign()
+        return model.input_gradient(images, lambda logits, features: closest_distance_torch(
+            features, whiten, centers)).sign()
 
     def _scores(self, model: ClassifierHandle, images: torch.Tensor, direction: torch.Tensor, epsilon: float) -> np.ndarray:
         return -self.min_distance(model.outputs(images - epsilon * direction)[1].numpy())

@@ -49,12 +49,19 @@ class CifarResNetNetwork(nn.Module):
         self.layer1, self.layer2, self.layer3 = layers
         self.linear = nn.Linear(64, num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Logits, penultimate features, and the stem and stage outputs (Lee et al.'s feature list)."""
         x = (x - self.mean) / self.std
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        features = x.mean((2, 3))
-        return self.linear(features), features
+        stem = F.relu(self.bn1(self.conv1(x)))
+        first = self.layer1(stem)
+        second = self.layer2(first)
+        third = self.layer3(second)
+        features = third.mean((2, 3))
+        return self.linear(features), features, [stem, first, second, third]
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, features, _ = self.forward_layers(x)
+        return logits, features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[0]

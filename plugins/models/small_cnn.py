@@ -20,13 +20,17 @@ class _Network(nn.Module):
         self.conv3 = nn.Conv2d(2 * width, 4 * width, 3, padding=1)
         self.linear = nn.Linear(4 * width, num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         x = (x - self.mean) / self.std
-        x = F.relu(self.conv1(x))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = F.relu(self.conv3(x))
-        features = x.mean((2, 3))  # global average pooling: the penultimate features
-        return self.linear(features), features
+        first = F.relu(self.conv1(x))
+        second = F.max_pool2d(F.relu(self.conv2(first)), 2)
+        third = F.relu(self.conv3(second))
+        features = third.mean((2, 3))  # global average pooling: the penultimate features
+        return self.linear(features), features, [first, second, third]
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, features, _ = self.forward_layers(x)
+        return logits, features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[0]
