@@ -107,3 +107,13 @@ def test_cli_validate_exit_codes(tmp_path):
     assert run("validate", str(PUBLISHED)).returncode == 0
     done = run("validate", str(bad))
     assert done.returncode == 1 and "Traceback" not in done.stderr and "bad.csv" in done.stdout
+
+
+def test_written_files_get_ordinary_permissions(tmp_path, monkeypatch):
+    from oodbench import cache
+
+    monkeypatch.setattr(cache, "_UMASK", 0o022)  # the common umask; the temporary file itself is 0600
+    path = tmp_path / "results.csv"
+    cache.atomic_write(path, lambda f: f.write("a\n"), mode="w")
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert path.read_text() == "a\n" and list(tmp_path.iterdir()) == [path], "no temporary file left behind"
