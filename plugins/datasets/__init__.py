@@ -4,7 +4,7 @@ from oodbench import hookimpl
 
 @hookimpl
 def oodbench_register_datasets(register):
-    from . import digits, files, noise, transforms
+    from . import digits, files, folders, noise, torchvision_sets, transforms
 
     register(digits.Digits)
     register(noise.GaussianNoise)
@@ -13,3 +13,14 @@ def oodbench_register_datasets(register):
     register(transforms.Flip, name="vflip", axis="vertical")
     register(digits.NaturalPatches)
     register(files.NpzImages)
+    register(torchvision_sets.CIFAR10)
+    register(torchvision_sets.CIFAR100)
+    register(torchvision_sets.SVHN)
+    register(torchvision_sets.MNIST)
+    register(torchvision_sets.FashionMNIST)
+    register(folders.FolderImages)
+    register(folders.TinyImageNetCrop)
+    register(folders.TinyImageNetResize)
+    register(folders.LsunCrop)
+    register(folders.LsunResize)
+    register(folders.ISun)
