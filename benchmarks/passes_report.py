@@ -1,0 +1,284 @@
+"""Network passes of a run against the minimum it needs, and the cost of ODIN's grid search.
+
+Runs a benchmark with the cache disabled (``--fresh-cache``: empty) so that every pass is
+spent and counted, and reports per seed, through ``oodbench.passes``: forward and
+forward+backward image passes of the shared extraction, the attacks and each detector,
+against this minimum:
+
+* extraction: one forward per image of every set the run extracts (train, val, test, each
+  OOD set, each adversarial set), sizes read by loading the sets through their plugins;
+* attacks, by definition: FGSM one forward+backward per attacked image, BIM and PGD
+  ``steps`` of them (``oodbench_plugins.attacks.gradient_sign``);
+* detectors that read only shared outputs (no ``"gradients"`` in ``needs``): nothing;
+* gradient detectors: their documented cost with every avoidable pass removed (``MINIMA``).
+  Where a grid includes eps = 0, that point needs no pass of its own: x~ = x, whose outputs
+  come out of the forward half of the forward+backward pass at x that the grid spends
+  anyway. A score with the chosen eps = 0 is read off the shared outputs. A non-tuned
+  detector's score is needed once per image of every set a source draws from (held-out
+  images included: the test set is shared by all sources, each holding out other images);
+  a source-tuned detector's once per evaluated image of each source, with that source's
+  (T, eps). The forward+backward unit also hides one possible saving: ODIN's logits at x do
+  not depend on T, so |T| gradients could share one forward; counted here as |T| passes.
+
+A gradient detector the script has no formula for is reported with an unknown minimum.
+
+    python benchmarks/passes_report.py --benchmark digits --detectors msp,gmm,mahalanobis,odin --out passes.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from oodbench.api import DatasetContext, ImageSet
+from oodbench.benchmark import Benchmark, load_benchmark
+from oodbench.cli import parse_detectors
+from oodbench.passes import extraction_minimum, passes_report
+from oodbench.plugins import Registry, build_registry, instantiate, resolve_options
+from oodbench.runner import RunOptions, RunResult, choose_device, run_benchmark
+
+Counts = dict[str, int]
+
+
+def counts(forward: int = 0, forward_backward: int = 0) -> Counts:
+    return {"forward": int(forward), "forward_backward": int(forward_backward)}
+
+
+# -- image sets -------------------------------------------------------------------------
+def image_set_sizes(bench: Benchmark, registry: Registry, seed: int, data_dir: Path) -> dict[str, int]:
+    """Images in every set a run of ``bench`` extracts, named as its ``extract:`` activities.
+
+    Loaded through the dataset plugins (as the runner loads them), not read back from the
+    pass counts, so the extraction minimum is an independent figure.
+    """
+    ref = bench.in_distribution
+    dataset = instantiate(registry.get("datasets", ref.plugin), ref.options, seed=seed)
+    splits: dict[str, ImageSet] = {s: dataset.load(DatasetContext(split=s, seed=seed, data_dir=data_dir))
+                                   for s in ("train", "val", "test")}
+    if bench.test_subset:
+        splits["test"] = splits["test"].subset(np.arange(min(bench.test_subset, len(splits["test"]))))
+    test = splits["test"]
+    sizes = {name: len(images) for name, images in splits.items()}
+    for ood in bench.ood:
+        source = instantiate(registry.get("datasets", ood.dataset), ood.options, seed=seed)
+        ctx = DatasetContext(split="test", seed=seed, data_dir=data_dir, image_shape=test.image_shape,
+                             size=len(test), in_distribution=splits.__getitem__)
+        sizes[f"ood:{ood.name}"] = len(source.load(ctx))
+    attacked = min(bench.attack_subset or len(test), len(test))
+    for attack in bench.attacks:
+        for eps in attack.eps:
+            sizes[f"adv:{attack.plugin}:{eps:g}"] = attacked
+    return sizes
+
+
+def scored_sets(seed_meta: dict[str, Any]) -> set[str]:
+    """The sets the run's sources draw positives and negatives from (``mistakes`` uses only the test set)."""
+    names = set()
+    for source in seed_meta["sources"]:
+        names.add("test")
+        if source.startswith("ood:"):
+            names.add(source)
+        elif source.startswith("adv:"):
+            names.add(source.rpartition(":")[0])  # adv:<attack>:<eps>:flipped|all -> adv:<attack>:<eps>
+    return names
+
+
+# -- attacks ------------------------------------------------------------------------------
+#: forward+backward passes per attacked image, from the attack's resolved options
+ATTACK_STEPS: dict[str, Callable[[dict[str, Any]], int]] = {
+    "fgsm": lambda options: 1,
+    "bim": lambda options: options["steps"],
+    "pgd": lambda options: options["steps"],
+}
+
+
+def attack_minimum(bench: Benchmark, registry: Registry, sizes: dict[str, int]) -> dict[str, Counts]:
+    out = {}
+    for attack in bench.attacks:
+        if attack.plugin not in ATTACK_STEPS:
+            continue  # unknown attack: its minimum stays unknown
+        steps = ATTACK_STEPS[attack.plugin](resolve_options(registry.get("attacks", attack.plugin), attack.options))
+        for eps in attack.eps:
+            out[f"attack:{attack.plugin}:{eps:g}"] = counts(forward_backward=steps * sizes[f"adv:{attack.plugin}:{eps:g}"])
+    return out
+
+
+# -- gradient detectors -------------------------------------------------------------------
+class DetectorRun:
+    """What one detector of one seed did: its label, resolved options, metadata and result rows."""
+
+    def __init__(self, label: str, options: dict[str, Any], seed_meta: dict[str, Any], rows: list[dict[str, Any]],
+                 sizes: dict[str, int]):
+        self.label, self.options, self.seed_meta, self.rows, self.sizes = label, options, seed_meta, rows, sizes
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.seed_meta["detectors"].get(self.label, {})
+
+    def scored_images(self) -> int:
+        return sum(self.sizes[name] for name in scored_sets(self.seed_meta))
+
+    def activity(self, phase: str) -> str:
+        return f"detector:{self.label}:{phase}"
+
+
+def _grid(temperatures, epsilons) -> tuple[int, int]:
+    """(|T|, number of eps > 0): the grid points that need a pass of their own."""
+    return len(set(temperatures)), sum(1 for e in set(epsilons) if e > 0)
+
+
+def _preprocessed_score(run: DetectorRun, epsilon: float) -> Counts:
+    """One gradient at x and one forward at x~ per scored image; none when eps = 0."""
+    n = run.scored_images() if epsilon > 0 else 0
+    return counts(n, n)
+
+
+def odin_minimum(run: DetectorRun) -> dict[str, Counts]:
+    """``odin``: per holdout image |T| forward+backward and |T| |eps > 0| forward; per evaluated image, 1 + 1."""
+    temperatures, moving = _grid(run.options["temperatures"], run.options["epsilons"])
+    tuned = [row for row in run.rows if row["tuned_params"]]
+    holdout = sum(run.seed_meta["sources"][row["source"]]["n_holdout"] for row in tuned)
+    scored = 0
+    for row in tuned:
+        if json.loads(row["tuned_params"])["epsilon"] > 0:
+            source = run.seed_meta["sources"][row["source"]]
+            scored += source["n_pos"] + source["n_neg"]
+    return {run.activity("tune"): counts(temperatures * moving * holdout, temperatures * holdout),
+            run.activity("score"): counts(scored, scored)}
+
+
+def odin_nood_minimum(run: DetectorRun) -> dict[str, Counts]:
+    """``odin-nood``: per val image, 1 gradient for FGSM, then the grid on the clean and the FGSM image."""
+    temperatures, moving = _grid(run.options["temperatures"], run.options["epsilons"])
+    val = run.sizes["val"]
+    return {run.activity("fit"): counts(2 * val * temperatures * moving, val + 2 * val * temperatures),
+            run.activity("score"): _preprocessed_score(run, run.metadata["epsilon"])}
+
+
+def mahalanobis_pre_minimum(run: DetectorRun) -> dict[str, Counts]:
+    """``mahalanobis-pre``: per val image, FGSM and a direction on both images, then a forward per eps > 0."""
+    epsilons = set(run.options["epsilons"])
+    val = run.sizes["val"] if len(epsilons) > 1 else 0  # one eps: fixed, no search
+    moving = sum(1 for e in epsilons if e > 0)
+    return {run.activity("fit"): counts(2 * val * moving, 3 * val),
+            run.activity("score"): _preprocessed_score(run, run.metadata["epsilon"])}
+
+
+#: minimum passes of the gradient detectors whose cost is documented, by registered name
+MINIMA: dict[str, Callable[[DetectorRun], dict[str, Counts]]] = {
+    "odin": odin_minimum,
+    "odin-nood": odin_nood_minimum,
+    "mahalanobis-pre": mahalanobis_pre_minimum,
+}
+
+
+def detector_minimum(registry: Registry, name: str, run: DetectorRun) -> dict[str, Counts]:
+    if name in MINIMA:
+        return MINIMA[name](run)
+    if "gradients" not in registry.get("detectors", name).target.needs:
+        return {run.activity(phase): counts() for phase in ("fit", "tune", "score")}
+    return {}  # a gradient detector without a documented formula: unknown
+
+
+# -- the report ---------------------------------------------------------------------------
+def run_minimum(result: RunResult, bench: Benchmark, registry: Registry, data_dir: Path,
+                seed_meta: dict[str, Any]) -> tuple[dict[str, Counts], dict[str, int]]:
+    """(minimum passes per activity, image set sizes) of one seed of ``result``."""
+    seed = seed_meta["seed"]
+    sizes = image_set_sizes(bench, registry, seed, data_dir)
+    minimum = {**extraction_minimum(sizes), **attack_minimum(bench, registry, sizes)}
+    for spec in result.meta["detectors"]:
+        options = resolve_options(registry.get("detectors", spec["name"]), spec["options"])
+        rows = [r for r in result.rows if r["seed"] == seed and r["detector"] == spec["label"]]
+        minimum.update(detector_minimum(registry, spec["name"], DetectorRun(spec["label"], options, seed_meta, rows, sizes)))
+    return minimum, sizes
+
+
+def odin_grid_cost(result: RunResult, registry: Registry, seed_meta: dict[str, Any]) -> dict[str, Any]:
+    """Measured tuning passes per holdout image of every ``odin`` detector, against the grid's naive cost.
+
+    Naive: every grid point reruns the detector, one forward+backward and one forward per image
+    (what a generic grid search over ODIN's ``predict`` does, e.g. pytorch-ood's ``GridSearch``).
+    """
+    out = {}
+    for spec in result.meta["detectors"]:
+        if spec["name"] != "odin":
+            continue
+        options = resolve_options(registry.get("detectors", "odin"), spec["options"])
+        tuned = [r for r in result.rows if r["seed"] == seed_meta["seed"] and r["detector"] == spec["label"] and r["tuned_params"]]
+        holdout = sum(seed_meta["sources"][r["source"]]["n_holdout"] for r in tuned)
+        measured = seed_meta["passes"].get(f"detector:{spec['label']}:tune", counts())
+        temperatures, epsilons = len(set(options["temperatures"])), len(set(options["epsilons"]))
+        points = temperatures * epsilons
+        out[spec["label"]] = {
+            "holdout_images": holdout,
+            "grid": {"temperatures": temperatures, "epsilons": epsilons},
+            "measured_per_image": {k: v / holdout for k, v in measured.items()} if holdout else None,
+            "formula_per_image": counts(points, temperatures),
+            "naive_per_image": counts(points, points),
+        }
+    return out
+
+
+def report(result: RunResult, bench: Benchmark, registry: Registry, data_dir: Path) -> list[dict[str, Any]]:
+    """Per seed: image set sizes, the passes report against the minimum, and ODIN's grid cost."""
+    out = []
+    for seed_meta in result.meta["per_seed"]:
+        minimum, sizes = run_minimum(result, bench, registry, data_dir, seed_meta)
+        out.append({"seed": seed_meta["seed"], "image_sets": sizes,
+                    "passes": passes_report(seed_meta["passes"], minimum),
+                    "odin_grid": odin_grid_cost(result, registry, seed_meta)})
+    return out
+
+
+def _print(reports: list[dict[str, Any]]) -> None:
+    for seed_report in reports:
+        print(f"seed {seed_report['seed']}: image passes, measured / minimum (forward; forward+backward)")
+        passes = seed_report["passes"]
+        for name, entry in [*passes["groups"].items(), ("total", passes["total"])]:
+            least = entry["minimum"] or {}
+            cells = [f"{entry['measured'][k]:>9} / {least.get(k, '?'):>9}" for k in ("forward", "forward_backward")]
+            print(f"  {name:<40} {cells[0]};  {cells[1]}")
+        for label, grid in seed_report["odin_grid"].items():
+            print(f"  {label} grid per holdout image: measured {grid['measured_per_image']}, "
+                  f"formula {grid['formula_per_image']}, naive {grid['naive_per_image']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--benchmark", default="digits", help="registered benchmark name or TOML file")
+    parser.add_argument("--detectors", default="msp,gmm,mahalanobis,odin")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--data-dir", default=".")
+    parser.add_argument("--fresh-cache", action="store_true",
+                        help="run with an empty temporary cache, as a first `oodbench run` does (default: cache "
+                             "disabled, as `oodbench run --no-cache`)")
+    parser.add_argument("--out", help="write the report as JSON here")
+    args = parser.parse_args(argv)
+    registry = build_registry(strict=True)
+    name = args.benchmark
+    bench = load_benchmark(Path(name) if name.endswith(".toml") else registry.get("benchmarks", name).target)
+    data_dir = Path(args.data_dir).expanduser()
+    with tempfile.TemporaryDirectory(prefix="oodbench-passes-") as fresh:
+        opts = RunOptions(benchmark=bench, detectors=parse_detectors(args.detectors), seeds=list(range(args.seeds)),
+                          cache_dir=Path(fresh) if args.fresh_cache else None, data_dir=data_dir,
+                          device=choose_device("auto"), progress=False)
+        result = run_benchmark(opts, registry)
+    reports = report(result, bench, registry, data_dir)
+    _print(reports)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"benchmark": bench.name, "detectors": args.detectors,
+                                              "cache": "fresh" if args.fresh_cache else "disabled",
+                                              "torch_threads": torch.get_num_threads(),
+                                              "wall_seconds": result.meta["wall_seconds"], "per_seed": reports},
+                                             indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
