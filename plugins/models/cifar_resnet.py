@@ -1,7 +1,6 @@
 """CIFAR ResNets (He et al. 2016, section 4.2): ResNet-(6n+2) with "option A" shortcuts."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -9,7 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from oodbench.api import ImageSet, MissingDataError, Model, PluginError
+from oodbench.api import ImageSet, Model, PluginError
+
+from .checkpoints import checkpoint_path, file_sha256, load_checkpoint
 
 DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -92,15 +93,10 @@ class CifarResNet(Model):
         self.depth, self.checkpoint, self.normalisation = depth, checkpoint, normalisation
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(self._path().read_bytes()).hexdigest()
+        return file_sha256(self._path())
 
     def _path(self) -> Path:
-        path = Path(self.checkpoint).expanduser()
-        if not path.is_absolute():
-            path = self.data_dir / path
-        if not path.exists():
-            raise MissingDataError(f"cifar-resnet checkpoint not found: {path} (set --data-dir or give an absolute path)")
-        return path
+        return checkpoint_path(self.name, self.checkpoint, self.data_dir)
 
     def build(self, image_shape: tuple[int, int, int], num_classes: int, seed: int) -> nn.Module:
         if image_shape[0] != 3:
@@ -108,14 +104,7 @@ class CifarResNet(Model):
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.normalisation == "imagenet" else (
             (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
         network = CifarResNetNetwork(DEPTHS[self.depth], 3, num_classes, mean, std)
-        loaded = torch.load(self._path(), map_location="cpu", weights_only=True)
-        state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        state.update(mean=network.mean, std=network.std)
-        try:
-            network.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise PluginError(f"{self._path()}: not a {self.depth} checkpoint: {str(exc).splitlines()[0]}") from None
+        load_checkpoint(network, self._path(), self.depth)
         return network
 
     def train(self, network: nn.Module, train: ImageSet, val: ImageSet, seed: int,

@@ -1,0 +1,132 @@
+"""What the papers' CIFAR networks share: normalisation choices, He initialisation, and the SGD
+training recipe with crop-and-flip augmentation (ODIN section 4.1; the feature-GMM paper's
+appendix C), used by ``densenet.py`` and ``wide_resnet.py``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from oodbench.api import ImageSet, PluginError
+
+#: ``normalisation`` option -> (mean, std) per RGB channel; ``none`` is the identity.
+NORMALISATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    # CIFAR-10 training-set statistics, as cifar-resnet uses them.
+    "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    # The rounded values in ODIN's and Lee et al.'s code (transforms.Normalize), what their checkpoints expect.
+    "odin": ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)),
+    "none": None,
+}
+
+
+def normalisation_stats(plugin: str, normalisation: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) for ``normalisation`` and images with ``channels`` channels."""
+    stats = NORMALISATIONS[normalisation]
+    if stats is None:
+        return (0.0,) * channels, (1.0,) * channels
+    if channels != 3:
+        raise PluginError(f"{plugin} normalisation '{normalisation}' is for RGB images, got {channels} channel(s); "
+                          "use normalisation = \"none\" for other images")
+    return stats
+
+
+def check_normalisation(plugin: str, normalisation: str) -> None:
+    if normalisation not in NORMALISATIONS:
+        raise PluginError(f"{plugin} normalisation must be one of {', '.join(NORMALISATIONS)}, not '{normalisation}'")
+
+
+def he_init(network: nn.Module) -> None:
+    """The authors' initialisation (ODIN's and Lee et al.'s DenseNet3/WideResNet code).
+
+    Convolutions N(0, 2 / (k * k * out_channels)) (He et al. 2015, fan-out); batch norm
+    weight 1, bias 0; linear bias 0 (linear weight keeps PyTorch's default uniform init).
+    """
+    for module in network.modules():
+        if isinstance(module, nn.Conv2d):
+            fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+            module.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
+        elif isinstance(module, nn.BatchNorm2d):
+            module.weight.data.fill_(1)
+            module.bias.data.zero_()
+        elif isinstance(module, nn.Linear):
+            module.bias.data.zero_()
+
+
+def step_lr(epoch: int, epochs: int, lr: float, milestones_percent: tuple[int, ...], gamma: float) -> float:
+    """Learning rate of 0-based ``epoch``: ``lr`` times ``gamma`` per milestone reached.
+
+    A milestone at p% of ``epochs`` starts at epoch ``max(1, epochs * p // 100)``: 300 epochs
+    with (50, 75) give epochs 150 and 225 as in Huang et al.'s code; 200 with (30, 60, 80) give
+    60, 120, 160 as in Zagoruyko & Komodakis.
+    """
+    return lr * gamma ** sum(epoch >= max(1, epochs * p // 100) for p in milestones_percent)
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4,
+                     mode: str = "constant") -> torch.Tensor:
+    """Pad by ``padding`` pixels (zeros, or ``reflect``), take a random crop of the original size, flip half.
+
+    Per-image offsets and flips are drawn from ``generator``, so a seed fixes the augmentation.
+    """
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4, mode=mode)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    rows = dy[:, None] + torch.arange(h)
+    cols = dx[:, None] + torch.arange(w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def train_sgd(network: nn.Module, train: ImageSet, *, seed: int, device: torch.device,
+              progress: Callable[[str], None], epochs: int, batch_size: int, lr: float, weight_decay: float,
+              milestones_percent: tuple[int, ...], gamma: float, padding_mode: str) -> None:
+    """The CIFAR recipe both papers' networks share, in place, then ``network.eval()``.
+
+    SGD with Nesterov momentum 0.9 and weight decay (L2 on every parameter, as in the papers'
+    code), cross-entropy, ``epochs`` passes over ``train`` in shuffled mini-batches, learning
+    rate from ``step_lr`` set at the start of each epoch, and per batch a random crop after
+    4-pixel padding and a random horizontal flip (``random_crop_flip``). Shuffling,
+    augmentation and dropout are seeded by ``seed``; on a GPU cuDNN may still make runs differ
+    in the last bits. A final batch of a single image is skipped (batch norm needs two).
+    """
+    torch.manual_seed(seed)  # dropout draws from the global generators
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.from_numpy(train.y).long()
+    network.to(device).train()
+    optimiser = torch.optim.SGD(network.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    for epoch in range(epochs):
+        rate = step_lr(epoch, epochs, lr, milestones_percent, gamma)
+        for group in optimiser.param_groups:
+            group["lr"] = rate
+        order = torch.randperm(len(train), generator=generator)
+        total_loss, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            if len(batch) < 2:
+                continue
+            x = random_crop_flip(train.tensor(batch.numpy()), generator, 4, padding_mode).to(device)
+            y = labels[batch].to(device)
+            logits = network(x)
+            loss = F.cross_entropy(logits, y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total_loss += loss.detach() * len(batch)  # summed on the device: one synchronisation per epoch
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(batch)
+        progress(f"epoch {epoch + 1}/{epochs} lr {rate:g} loss {total_loss.item() / max(seen, 1):.3f} "
+                 f"train accuracy {correct.item() / max(seen, 1):.3f}")
+    network.eval()
+
+
+# --------------------------------------------------------------------------------------
+# DenseNet-BC. Module names follow the authors' code (ODIN's code/densenet.py, Lee et al.'s
+# models/densenet.py: DenseNet3), so their weights load as a state dict without renaming.
+# --------------------------------------------------------------------------------------
