@@ -70,6 +70,14 @@ def test_missing_npz_file_names_the_file(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("name, folder", [("cifar10", "cifar-10-batches-py"), ("cifar80-wrn", "cifar-100-python")])
+def test_paper_benchmark_without_its_data_names_the_folder(tmp_path, name, folder):
+    done = run_cli("run", "-b", name, "-d", "msp", "--data-dir", str(tmp_path), "--no-cache")
+    assert done.returncode == 1
+    assert f"missing from {tmp_path / folder}" in done.stderr and "download = true" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_help_lists_commands():
     done = run_cli("--help")
     assert done.returncode == 0 and "run" in done.stdout and "list" in done.stdout

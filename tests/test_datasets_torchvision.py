@@ -250,9 +250,10 @@ def test_svhn_mat_round_trips_with_label_10_as_digit_0(registry, tmp_path, svhn_
 def test_documented_defaults_and_bad_options(registry, tmp_path):
     for name in TV_SETS:
         entry = registry.get("datasets", name)
-        assert resolve_options(entry, {}) == {"root": "", "download": False, "val_size": 5000, "limit": 0}
+        assert resolve_options(entry, {}) == {"root": "", "download": False, "val_size": 5000, "limit": 0,
+                                            "classes": (), "complement": False}
         assert entry.target.splits == ("train", "val", "test")
-        with pytest.raises(UnknownPluginError, match=f"dataset '{name}' has no option bogus; options: root, download, val_size, limit"):
+        with pytest.raises(UnknownPluginError, match=f"dataset '{name}' has no option bogus; options: root, download, val_size, limit, classes, complement"):
             make(registry, name, bogus=1)
     with pytest.raises(PluginError, match="'val_size' must be an integer >= 0, got -1"):
         make(registry, "cifar10", val_size=-1)
@@ -267,3 +268,22 @@ def test_val_size_must_leave_training_images(registry, tmp_path):
     with pytest.raises(PluginError, match="val_size = 0 leaves no validation split"):
         make(registry, "mnist", val_size=0).load(ctx(tmp_path, "val"))
     assert len(make(registry, "mnist", val_size=0).load(ctx(tmp_path, "train"))) == 12
+
+
+def test_held_out_classes_split_cifar100_into_seen_and_unseen(registry, tmp_path, cifar_md5_of_fakes):
+    train_x, train_fine, test_x, test_fine = write_cifar100(tmp_path, n_train=60, n_test=40)
+    cifar_md5_of_fakes(tmp_path, tvd.CIFAR100)
+    seen = list(range(99, 19, -1))  # 80 classes, in an order that makes the re-indexing visible
+    known = make(registry, "cifar100", val_size=5, classes=seen)
+    train = known.load(ctx(tmp_path, "train"))
+    kept = np.isin(train_fine, seen)
+    assert train.num_classes == 80
+    assert np.array_equal(train.x, train_x[kept][:-5])
+    assert [seen[label] for label in train.y] == train_fine[kept][:-5].tolist()
+    unseen = make(registry, "cifar100", classes=seen, complement=True).load(ctx(tmp_path, image_shape=(3, 32, 32)))
+    assert np.array_equal(unseen.x, test_x[test_fine < 20]) and unseen.y is None
+    with pytest.raises(PluginError, match="use it as a failure source"):
+        make(registry, "cifar100", classes=seen, complement=True).load(ctx(tmp_path, "test"))
+    for bad in ([3, 3], [100]):
+        with pytest.raises(PluginError, match="distinct labels in 0..99"):
+            make(registry, "cifar100", classes=bad)

@@ -22,6 +22,13 @@ def _non_negative_int(plugin: str, option: str, value: object) -> int:
     return value
 
 
+def _reindex(labels: np.ndarray, classes: tuple[int, ...]) -> np.ndarray:
+    """Label c -> its position in ``classes``: a classifier on a subset has no dead outputs."""
+    lookup = np.full(max(classes) + 1, -1, np.int64)
+    lookup[list(classes)] = np.arange(len(classes))
+    return lookup[labels]
+
+
 class _TorchvisionSet(Dataset):
     """Common to the torchvision-backed sets.
 
@@ -31,7 +38,10 @@ class _TorchvisionSet(Dataset):
     ``val_size`` images), ``val`` (those last ``val_size`` images) and ``test`` (the official
     test set). As a failure source the test set is converted to the in-distribution format
     (``convert.to_format``) and its labels are dropped. ``limit`` keeps the first N images of
-    the split.
+    the split. Held-out classes (ODIN's CIFAR-80/CIFAR-20): ``classes`` keeps only those
+    labels, re-indexed 0..len(classes)-1 in the given order (``val`` is then the last
+    ``val_size`` of the kept training images); with ``complement = true`` it keeps every other
+    class instead, the unseen classes of a failure source.
     """
 
     splits = ("train", "val", "test")
@@ -39,7 +49,8 @@ class _TorchvisionSet(Dataset):
     torchvision_class: ClassVar[str] = ""
     num_classes: ClassVar[int] = 10
 
-    def __init__(self, *, root: str = "", download: bool = False, val_size: int = 5000, limit: int = 0):
+    def __init__(self, *, root: str = "", download: bool = False, val_size: int = 5000, limit: int = 0,
+                 classes: tuple[int, ...] | list[int] = (), complement: bool = False):
         if not isinstance(root, str):
             raise PluginError(f"{self.name}: option 'root' must be a string (a folder), got {root!r}")
         if not isinstance(download, bool):
@@ -48,6 +59,13 @@ class _TorchvisionSet(Dataset):
         self.download = download
         self.val_size = _non_negative_int(self.name, "val_size", val_size)
         self.limit = _non_negative_int(self.name, "limit", limit)
+        self.classes = tuple(_non_negative_int(self.name, "classes", c) for c in classes)
+        if len(set(self.classes)) != len(self.classes) or any(c >= self.num_classes for c in self.classes):
+            raise PluginError(f"{self.name}: option 'classes' must be distinct labels in 0..{self.num_classes - 1}, "
+                              f"got {list(classes)}")
+        if complement and not self.classes:
+            raise PluginError(f"{self.name}: complement = true needs the 'classes' to leave out")
+        self.complement = bool(complement)
 
     # -- where the files are -------------------------------------------------------------
     def _root(self, ctx: DatasetContext) -> Path:
@@ -97,6 +115,11 @@ class _TorchvisionSet(Dataset):
         if split == "val" and not self.val_size:
             raise PluginError(f"{self.name}: val_size = 0 leaves no validation split; set val_size > 0")
         x, y = self._read(self._root(ctx), train=split != "test")
+        if self.classes:
+            keep = np.isin(y, self.classes) != self.complement
+            x, y = x[keep], y[keep]
+            if not self.complement:
+                y = _reindex(y, self.classes)
         if split != "test":
             if self.val_size >= len(x):
                 raise PluginError(f"{self.name}: val_size = {self.val_size} must be smaller than the "
@@ -107,7 +130,10 @@ class _TorchvisionSet(Dataset):
             x, y = x[:self.limit], y[:self.limit]
         if as_source:
             return ImageSet(to_format(x, ctx.image_shape), None, self.name)
-        return ImageSet(np.ascontiguousarray(x), y.astype(np.int64), self.name, self.num_classes)
+        if self.complement:
+            raise PluginError(f"{self.name}: complement = true selects unseen classes; use it as a failure source")
+        classes = len(self.classes) or self.num_classes
+        return ImageSet(np.ascontiguousarray(x), y.astype(np.int64), self.name, classes)
 
 
 class _Cifar(_TorchvisionSet):
