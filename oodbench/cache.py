@@ -85,6 +85,13 @@ class Cache:
             atomic_write(self._path(key, ".npz"), lambda f: np.savez(f, **arrays))
         return arrays
 
+    def path_of(self, key: str, suffix: str) -> Path | None:
+        """Where ``key`` is stored (``.npz`` arrays, ``.pt`` checkpoints); None when caching is off or it is absent."""
+        if self.root is None:
+            return None
+        path = self._path(key, suffix)
+        return path if path.exists() else None
+
     def state_dict(self, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         import torch
 

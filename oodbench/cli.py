@@ -127,6 +127,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if (args.strict and len(errors)) else 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+    from tabulate import tabulate
+
+    from .cache import atomic_write, default_cache_dir
+    from .runner import RunOptions, choose_device, train_classifiers
+
+    registry = _registry(args)
+    bench = _find_benchmark(registry, args.benchmark)
+    n_seeds = args.seeds or bench.seeds
+    opts = RunOptions(
+        benchmark=bench, detectors=[], seeds=list(range(args.first_seed, args.first_seed + n_seeds)),
+        cache_dir=Path(args.cache_dir or default_cache_dir()), data_dir=Path(args.data_dir).expanduser(),
+        device=choose_device(args.device), batch_size=args.batch_size, progress=not args.quiet,
+    )
+    trained = train_classifiers(opts, registry)
+    rows = [[t["seed"], t["model"], f"{t['test_accuracy']:.4f}", "cache" if t["cached"] else f"{t['seconds']:.1f} s",
+             t["file"]] for t in trained]
+    print(tabulate(rows, headers=["seed", "model", "test accuracy", "from", "weights"]))
+    if args.export:
+        for t in trained:
+            path = Path(args.export.format(seed=t["seed"]))
+            if len(trained) > 1 and "{seed}" not in args.export:
+                raise ValueError("--export needs '{seed}' in the file name when training several seeds")
+            atomic_write(path, lambda f, state=t["state_dict"]: torch.save({"state_dict": state}, f))
+            print(f"wrote {path} (a state dict: give it to the model's 'checkpoint' option where it has one)")
+    return 0
+
+
 def _report(run_dir: Path, out: Path) -> None:
     from .report import write_report
 
@@ -239,6 +268,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--report", action="store_true", help="also write report.html and the plots (plots/) into "
                      "the output folder, as 'oodbench report' does")
     run.set_defaults(func=cmd_run)
+
+    train = sub.add_parser("train", help="train (or load) a benchmark's classifier into the cache",
+                           description="Train the benchmark's classifier with its plugin's recipe, once per seed, "
+                           "into the cache that 'oodbench run' reads (a run then starts from these weights), and "
+                           "print each seed's test accuracy. Cached weights are reused, not retrained.")
+    train.add_argument("--benchmark", "-b", help="benchmark name or .toml file (default: the installed default)")
+    train.add_argument("--seeds", type=int, help="number of seeds (default: the benchmark's)")
+    train.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST..FIRST+N-1 (default 0)")
+    train.add_argument("--cache-dir", help="cache folder (default: the user cache dir, or OODBENCH_CACHE_DIR)")
+    train.add_argument("--data-dir", default=os.environ.get("OODBENCH_DATA_DIR", "."),
+                       help="folder relative data paths are read from (default . or OODBENCH_DATA_DIR)")
+    train.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    train.add_argument("--batch-size", type=int, help="batch size of the accuracy pass (default: the benchmark's)")
+    train.add_argument("--export", metavar="FILE", help="also save each seed's weights as a state dict to FILE "
+                       "('{seed}' is replaced by the seed)")
+    train.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    train.set_defaults(func=cmd_train)
 
     report = sub.add_parser("report", help="write an HTML report of a run folder",
                             description="Write one self-contained HTML page about a run folder: AUROC, FPR at 95% "

@@ -455,6 +455,30 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def train_classifiers(opts: RunOptions, registry: Registry) -> list[dict[str, Any]]:
+    """Train (or load) the benchmark's classifier for each seed into the cache, as ``run`` would.
+
+    Per seed: the model's cache key, its file when cached, seconds spent, whether it came from
+    the cache, and test accuracy (one forward pass of the test split). A later ``run`` with
+    the same benchmark, seeds and cache then starts from these weights.
+    """
+    cache = Cache(opts.cache_dir)
+    progress = Progress(enabled=opts.progress)
+    out = []
+    for seed in opts.seeds:
+        started, hits = time.perf_counter(), cache.hits
+        seed_run = _SeedRun(opts, registry, cache, progress, seed)
+        handle, key, _, options = seed_run.classifier()
+        test = seed_run.id_split("test")
+        logits = torch.cat([handle.logits(batch) for batch in test.batches(seed_run.batch_size * 4)])
+        out.append({"seed": seed, "model": opts.benchmark.model.plugin, "options": options, "key": key,
+                    "file": cache.path_of(key, ".pt"), "cached": cache.hits > hits,
+                    "seconds": time.perf_counter() - started,
+                    "test_accuracy": float((logits.argmax(1).numpy() == test.y).mean()),
+                    "state_dict": handle.network.state_dict()})
+    return out
+
+
 def run_benchmark(opts: RunOptions, registry: Registry) -> RunResult:
     """Run every detector against every failure source of ``opts.benchmark`` for each seed."""
     for spec in opts.detectors:  # fail fast on names and options, before any heavy work

@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -76,6 +78,25 @@ def test_paper_benchmark_without_its_data_names_the_folder(tmp_path, name, folde
     assert done.returncode == 1
     assert f"missing from {tmp_path / folder}" in done.stderr and "download = true" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_train_caches_the_classifier_that_run_then_starts_from(tmp_path):
+    import torch
+
+    cache = tmp_path / "cache"
+    done = run_cli("train", "--cache-dir", str(cache), "--export", str(tmp_path / "weights-{seed}.pt"), "-q")
+    assert done.returncode == 0, done.stderr
+    line = next(line for line in done.stdout.splitlines() if line.split()[:2] == ["0", "small-cnn"])
+    accuracy, weights = float(line.split()[2]), Path(line.split()[-1])
+    assert 0.9 < accuracy <= 1.0 and weights.is_file() and cache in weights.parents
+    exported = torch.load(tmp_path / "weights-0.pt", weights_only=True)["state_dict"]
+    cached = torch.load(weights, weights_only=True)
+    assert exported.keys() == cached.keys() and all(torch.equal(exported[k], cached[k]) for k in cached)
+    again = run_cli("train", "--cache-dir", str(cache), "-q")
+    assert " cache " in again.stdout and f"{accuracy:.4f}" in again.stdout
+    out = tmp_path / "out"
+    assert run_cli("run", "-d", "msp", "--cache-dir", str(cache), "-o", str(out), "-q").returncode == 0
+    assert json.loads((out / "run.json").read_text())["per_seed"][0]["model_key"] in weights.name
 
 
 def test_help_lists_commands():
