@@ -150,7 +150,7 @@ def _m_step(
 
 
 def _initial_parameters(
-    x: torch.Tensor, x_squared: torch.Tensor, k: int, init: str, seed: int, reg_covar: float
+    x: torch.Tensor, k: int, init: str, seed: int, reg_covar: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """sklearn's init: hard responsibilities, one M-step, weights n_k / N (not renormalised)."""
     n = len(x)
@@ -164,8 +164,11 @@ def _initial_parameters(
         raise ValueError(f"init must be 'kmeans', 'random_from_data' or (weights, means, variances), got {init!r}")
     rows, components = rows.to(x.device), components.to(x.device)
     count = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, components, torch.ones_like(rows, dtype=x.dtype))
-    sum_x = x.new_zeros(k, x.shape[1]).index_add_(0, components, x[rows])
-    sum_x2 = x.new_zeros(k, x.shape[1]).index_add_(0, components, x_squared[rows])
+    sum_x, sum_x2 = x.new_zeros(k, x.shape[1]), x.new_zeros(k, x.shape[1])
+    for part, owner in zip(rows.split(DEFAULT_CHUNK_SIZE), components.split(DEFAULT_CHUNK_SIZE)):
+        chosen = x[part]
+        sum_x.index_add_(0, owner, chosen)
+        sum_x2.index_add_(0, owner, chosen * chosen)
     count, means, variances = _m_step(count, sum_x, sum_x2, reg_covar)
     return count / n, means, variances
 
@@ -195,9 +198,8 @@ def fit_diagonal_gmm(
     if not 1 <= k <= n:
         raise ValueError(f"need 1 <= k <= number of samples, got k={k} for {n} samples")
     with full_precision_matmuls():
-        x2 = x * x
         if isinstance(init, str):
-            weights, means, variances = _initial_parameters(x, x2, k, init, seed, reg_covar)
+            weights, means, variances = _initial_parameters(x, k, init, seed, reg_covar)
         else:
             weights, means, variances = (torch.as_tensor(p).to(x.device, x.dtype) for p in init)
 
@@ -208,7 +210,9 @@ def fit_diagonal_gmm(
             count = x.new_zeros(k)
             sum_x, sum_x2 = x.new_zeros(k, x.shape[1]), x.new_zeros(k, x.shape[1])
             total = torch.zeros((), dtype=torch.float64, device=x.device)
-            for chunk, chunk2 in zip(x.split(chunk_size), x2.split(chunk_size)):
+            for chunk in x.split(chunk_size):
+                # Squared per chunk, never for all of x: at ImageNet scale x alone is 10 GB.
+                chunk2 = chunk * chunk
                 # logsumexp by hand, so the exponentials it needs are the responsibilities too
                 log_prob = terms.weighted_log_prob(chunk, chunk2)
                 peak = log_prob.amax(1, keepdim=True)
