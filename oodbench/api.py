@@ -142,6 +142,8 @@ class ClassifierHandle:
         #: images pushed through the network, by kind of pass and by what the runner is doing
         self.passes: dict[str, dict[str, int]] = {}
         self._activity = "other"
+        #: times the batch size was halved after running out of memory
+        self.memory_backoffs = 0
 
     def count(self, kind: str, n: int) -> None:
         per_activity = self.passes.setdefault(self._activity, {"forward": 0, "forward_backward": 0})
@@ -176,12 +178,12 @@ class ClassifierHandle:
     def outputs_and_layers(self, images: torch.Tensor, layers: bool = True
                            ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(logits, penultimate features, [spatial means of intermediate layers]) in one pass each."""
-        chunks = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size].to(self.device, non_blocking=True)
-            out, feat, maps = self._forward(chunk, layers)
-            self.count("forward", len(chunk))
-            chunks.append((out.float().cpu(), feat.float().cpu(), [m.float().cpu() for m in maps]))
+        def step(batch: torch.Tensor):
+            out, feat, maps = self._forward(batch.to(self.device, non_blocking=True), layers)
+            self.count("forward", len(batch))
+            return out.float().cpu(), feat.float().cpu(), [m.float().cpu() for m in maps]
+
+        chunks = self._in_batches(images, step)
         if not chunks:
             return torch.empty(0), torch.empty(0), []
         return (torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]),
@@ -203,16 +205,40 @@ class ClassifierHandle:
         called as ``objective(logits, features, layer_means)`` (see ``outputs_and_layers``).
         Returned on CPU.
         """
-        grads = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size].to(self.device).detach().requires_grad_(True)
+        def step(batch: torch.Tensor) -> torch.Tensor:
+            chunk = batch.to(self.device).detach().requires_grad_(True)
             with torch.enable_grad():
                 logits, feats, maps = self._forward(chunk, layers)
                 value = objective(logits, feats, maps) if layers else objective(logits, feats)
                 (grad,) = torch.autograd.grad(value.sum(), chunk)
             self.count("forward_backward", len(chunk))
-            grads.append(grad.cpu())
+            return grad.cpu()
+
+        grads = self._in_batches(images, step)
         return torch.cat(grads) if grads else torch.empty(0)
+
+    def _in_batches(self, images: torch.Tensor, step: Callable[[torch.Tensor], Any]) -> list[Any]:
+        """``step`` on consecutive batches of ``batch_size`` images; halves the batch size on out-of-memory.
+
+        The smaller size is kept for the rest of the run (``batch_size`` is read back into
+        run.json), so a batch size too large for the device costs one failed batch, not a crash.
+        Passes are counted by ``step`` only once it succeeds.
+        """
+        results, start = [], 0
+        while start < len(images):
+            batch = images[start:start + self.batch_size]
+            try:
+                results.append(step(batch))
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise PluginError(f"out of memory on {self.device} even with one image per batch") from None
+                self.batch_size = max(1, self.batch_size // 2)
+                self.memory_backoffs += 1
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            start += len(batch)
+        return results
 
 
 class _Activity:

@@ -411,6 +411,8 @@ class _SeedRun:
         meta = {"seed": self.seed, "model_key": model_key, "model_options": model_options,
                 "model_provider": f"{model_entry.provider} {model_entry.provider_version}",
                 "test_accuracy": accuracy, "passes": handle.passes, "detectors": self.detector_metadata,
+                "batch_size": {"asked": self.batch_size, "used": handle.batch_size,
+                               "halved_after_out_of_memory": handle.memory_backoffs},
                 "sources": {s.name: {"n_pos": len(s.positives), "n_neg": len(s.negatives), "n_holdout": s.n_holdout}
                             for s in sources if s.kind != "error"}}
         return rows, timings, meta
