@@ -165,3 +165,17 @@ def test_classifier_without_layers_is_a_clear_error(problem):
                      train.labels, MahalanobisEnsemble.needs)
     with pytest.raises(Exception, match="no forward_layers"):
         MahalanobisEnsemble().fit(FitContext(bare, bare, 4, 0, CPU, None))
+
+
+def test_images_shared_by_sources_are_perturbed_once(problem):
+    model, train = problem
+    x = pixel_classes(50, seed=11, spread=0.4)[0]
+    detector = fitted(MahalanobisEnsemble(), model, train)
+    first = detector.layer_scores(view(model, x[:30]), 0.01)
+    assert model.passes["other"] == {"forward_backward": 2 * 30, "forward": 2 * 30}
+    model.passes.clear()
+    # a second source's positives: 20 of the same images and 20 new ones
+    again = detector.layer_scores(view(model, x[10:50]), 0.01)
+    assert model.passes["other"] == {"forward_backward": 2 * 20, "forward": 2 * 20}
+    np.testing.assert_array_equal(again[:20], first[10:30])
+    np.testing.assert_allclose(again, closed_form_layer_scores(model, train, x[10:50], 0.01), rtol=1e-4)

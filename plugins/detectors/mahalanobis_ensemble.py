@@ -1,6 +1,7 @@
 """Lee et al.'s full Mahalanobis detector: per-layer scores with input preprocessing, combined by logistic regression."""
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,7 @@ class MahalanobisEnsemble(Detector):
         self.epsilon = self.epsilons[0]
         self.fgsm_epsilon = float(fgsm_epsilon)
         self._gaussians: list[tuple[np.ndarray, np.ndarray]] = []
+        self._memo: dict[tuple[float, bytes], np.ndarray] = {}
         self._regression = None
         self._model: ClassifierHandle | None = None
         self._val: SplitView | None = None
@@ -115,6 +117,7 @@ class MahalanobisEnsemble(Detector):
         if not len(ctx.train):
             raise PluginError(f"{self.name}: the training split is empty")
         labels = ctx.train.labels
+        self._memo = {}  # scores of the previous fit are stale
         self._gaussians = [fit_tied_gaussian(layer, labels, f"{self.name} (layer {i})")
                            for i, layer in enumerate(ctx.train.layers)]
         if not self._gaussians:
@@ -135,10 +138,26 @@ class MahalanobisEnsemble(Detector):
         return np.stack([-min_distance(w, c, layer) for (w, c), layer in zip(self._gaussians, layers)], 1)
 
     def _perturbed_scores(self, images: torch.Tensor, epsilons: tuple[float, ...]) -> dict[float, np.ndarray]:
-        """M_l(x^_l) for each eps: per layer one forward+backward, then one forward per eps."""
-        model = self._model
-        if model is None or not self._gaussians:
+        """M_l(x^_l) for each eps, computed once per (image, eps) and then read from a memo.
+
+        Every source draws its positives from the same test set (each holding out other
+        images), so without the memo the shared images would be perturbed again per source.
+        """
+        if self._model is None or not self._gaussians:
             raise PluginError(f"{self.name}: call fit() (with the classifier) before scoring")
+        digests = [hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest() for image in images]
+        missing = sorted({i for i, d in enumerate(digests) for e in epsilons if (e, d) not in self._memo})
+        if missing:
+            computed = self._compute_perturbed(images[missing], epsilons)
+            for e in epsilons:
+                for row, i in enumerate(missing):
+                    self._memo[(e, digests[i])] = computed[e][row]
+        empty = np.empty((0, len(self._gaussians)))
+        return {e: np.stack([self._memo[(e, d)] for d in digests]) if digests else empty for e in epsilons}
+
+    def _compute_perturbed(self, images: torch.Tensor, epsilons: tuple[float, ...]) -> dict[float, np.ndarray]:
+        """Per layer one forward+backward (the direction), then one forward per eps."""
+        model = self._model
         out = {e: np.empty((len(images), len(self._gaussians))) for e in epsilons}
         for index, (whiten, centers) in enumerate(self._gaussians):
             w, c = torch.from_numpy(whiten).to(model.device), torch.from_numpy(centers).to(model.device)
