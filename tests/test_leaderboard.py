@@ -18,8 +18,10 @@ def published() -> pd.DataFrame:
     return read_results(PUBLISHED)
 
 
-def test_published_leaderboard_is_valid(published):
-    assert validate_frame(published) == []
+@pytest.mark.parametrize("folder", sorted(p.parent.name for p in PUBLISHED.parents[1].glob("*/results.csv")))
+def test_every_published_leaderboard_is_valid_and_documented(folder):
+    assert validate_frame(read_results(PUBLISHED.parents[1] / folder / "results.csv")) == []
+    assert f"`{folder}/`" in (PUBLISHED.parents[1] / "README.md").read_text(), "each folder has its command in the README"
 
 
 def test_every_kind_of_problem_is_reported_with_row_and_column(published):

@@ -90,7 +90,8 @@ class MahalanobisEnsemble(Detector):
     ``StandardScaler``: same model class, it only helps L-BFGS converge on distances of
     very different scales); the step is not clipped to [0, 1], as in the authors' code.
     Costs: eps = 0 reads cached layer outputs (no passes); otherwise per image and layer one
-    forward+backward and one forward (per eps while tuning).
+    forward+backward and one forward (per eps while tuning), once per distinct image: images
+    that several sources share (the test positives) are perturbed once per eps, then memoised.
     Needs: layers, labels (of the training split), gradients.
     """
 
