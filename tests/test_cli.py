@@ -44,7 +44,8 @@ def test_unknown_option_and_bad_benchmark_are_clear(tmp_path):
     done = run_cli("run", "--benchmark", str(bad), "--no-cache")
     assert done.returncode == 2 and "in_distribution: must be a table" in done.stderr
     done = run_cli("run", "--benchmark", "nope", "--no-cache")
-    assert done.returncode == 2 and "unknown benchmark 'nope'. Available benchmarks: digits" in done.stderr
+    assert done.returncode == 2 and "unknown benchmark 'nope'. Available benchmarks: cifar10, " in done.stderr
+    assert ", digits, digits-heldout" in done.stderr
 
 
 def test_run_writes_the_leaderboard_and_prints_a_table(tmp_path, shared_cache):
