@@ -130,3 +130,22 @@ def train_sgd(network: nn.Module, train: ImageSet, *, seed: int, device: torch.d
 # DenseNet-BC. Module names follow the authors' code (ODIN's code/densenet.py, Lee et al.'s
 # models/densenet.py: DenseNet3), so their weights load as a state dict without renaming.
 # --------------------------------------------------------------------------------------
+
+
+def train_adam(network: nn.Module, train: ImageSet, *, seed: int, device: torch.device,
+               progress: Callable[[str], None], epochs: int, lr: float, batch_size: int) -> None:
+    """Adam on cross-entropy, ``epochs`` passes in shuffled mini-batches (seeded), no augmentation; leaves eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    x, y = train.tensor(), torch.from_numpy(train.y)
+    network.to(device).train()
+    optimiser = torch.optim.Adam(network.parameters(), lr=lr)
+    for epoch in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch_size):
+            batch = order[start:start + batch_size]
+            loss = F.cross_entropy(network(x[batch].to(device)), y[batch].to(device))
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+        progress(f"epoch {epoch + 1}/{epochs} loss {loss.item():.3f}")
+    network.eval()

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from oodbench.api import ImageSet, Model
 
+from .recipes import train_adam
+
 
 class _Network(nn.Module):
     def __init__(self, channels: int, num_classes: int, width: int, mean: float, std: float):
@@ -57,17 +59,5 @@ class SmallCNN(Model):
 
     def train(self, network: nn.Module, train: ImageSet, val: ImageSet, seed: int,
               device: torch.device, progress: Callable[[str], None]) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        x, y = train.tensor(), torch.from_numpy(train.y)
-        network.to(device).train()
-        optimiser = torch.optim.Adam(network.parameters(), lr=self.lr)
-        for epoch in range(self.epochs):
-            order = torch.randperm(len(x), generator=generator)
-            for start in range(0, len(x), self.batch_size):
-                batch = order[start:start + self.batch_size]
-                loss = F.cross_entropy(network(x[batch].to(device)), y[batch].to(device))
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-            progress(f"epoch {epoch + 1}/{self.epochs} loss {loss.item():.3f}")
-        network.eval()
+        train_adam(network, train, seed=seed, device=device, progress=progress, epochs=self.epochs, lr=self.lr,
+                   batch_size=self.batch_size)
