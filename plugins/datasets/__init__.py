@@ -24,3 +24,5 @@ def oodbench_register_datasets(register):
     register(folders.LsunCrop)
     register(folders.LsunResize)
     register(folders.ISun)
+    register(folders.Omniglot)
+    register(folders.NotMNIST)

@@ -283,3 +283,47 @@ class ISun(_OdinFolder):
     name = "isun"
     folder = "iSUN"
     url = "https://www.dropbox.com/s/ssz7qxfqae0cca5/iSUN.tar.gz"
+
+
+# ------------------------------------------------------------------------------------------
+# The OOD sets of ODIN's MNIST experiment (appendix A.1)
+# ------------------------------------------------------------------------------------------
+class _ReleasedFolder(_OdinFolder):
+    """An image folder released elsewhere than with ODIN: its own how-to-get sentence."""
+
+    how_to_get: ClassVar[str] = ""
+
+    def _missing(self, path: Path, split: str) -> MissingDataError:
+        return MissingDataError(f"{self.name}: folder not found: {path}. {self.how_to_get} Or set the option 'path'.")
+
+
+class Omniglot(_ReleasedFolder):
+    """Omniglot (Lake et al. 2015), ODIN's MNIST OOD set: 13,180 handwritten characters of 20 alphabets, 105x105.
+
+    Read from ``omniglot-py/images_evaluation/`` under ``--data-dir`` (alphabet/character
+    subfolders of PNGs), which is where ``torchvision.datasets.Omniglot(root, background=False,
+    download=True)`` puts the evaluation alphabets. Failure source only: converted to the
+    in-distribution format (``image-folder`` rules: grey, antialiased resize to 28x28 for
+    MNIST). Omniglot draws dark strokes on white, MNIST light on black: no inversion is applied,
+    as in ODIN's use. ``path`` and ``limit`` as ``tiny-imagenet-crop``.
+    """
+
+    name = "omniglot"
+    folder = "omniglot-py/images_evaluation"
+    how_to_get = ("Run torchvision.datasets.Omniglot(DATA_DIR, background=False, download=True) once, or extract "
+                  "images_evaluation.zip of https://github.com/brendenlake/omniglot into DATA_DIR/omniglot-py/.")
+
+
+class NotMNIST(_ReleasedFolder):
+    """notMNIST (Bulatov 2011), ODIN's MNIST OOD set: typeface letters A-J, 28x28 grey.
+
+    Read from ``notMNIST_small/`` under ``--data-dir``: the extracted ``notMNIST_small.tar.gz``
+    of Yaroslav Bulatov's release (one folder per letter, ~18,700 PNGs; the release holds a
+    couple of empty files, and the error names the first unreadable one: delete those). Failure source only;
+    conversion, ``path`` and ``limit`` as ``tiny-imagenet-crop``.
+    """
+
+    name = "notmnist"
+    folder = "notMNIST_small"
+    how_to_get = ("Download notMNIST_small.tar.gz (http://yaroslavvb.com/upload/notMNIST/, linked from "
+                  "http://yaroslavvb.blogspot.com/2011/09/notmnist-dataset.html) and extract it in DATA_DIR.")
