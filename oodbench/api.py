@@ -425,6 +425,10 @@ class Model(Plugin):
     trainable: ClassVar[bool] = True
     #: the run's ``--data-dir``, set by the core before ``build``: relative checkpoint paths start here
     data_dir: Path = Path(".")
+    #: set by the core before ``train`` when caching is on: a folder private to this training (model,
+    #: options, data, seed) where a long recipe may save per-epoch state to resume an interrupted
+    #: training; the core deletes it once the trained weights are cached
+    resume_dir: Path | None = None
 
     def fingerprint(self) -> str:
         """What determines the weights beyond the options (e.g. a checkpoint's sha256); part of cache keys."""

@@ -85,6 +85,10 @@ class Cache:
             atomic_write(self._path(key, ".npz"), lambda f: np.savez(f, **arrays))
         return arrays
 
+    def scratch_dir(self, key: str) -> Path | None:
+        """A folder for work in progress on ``key`` (e.g. per-epoch training state); None when caching is off."""
+        return None if self.root is None else self.root / "scratch" / key
+
     def path_of(self, key: str, suffix: str) -> Path | None:
         """Where ``key`` is stored (``.npz`` arrays, ``.pt`` checkpoints); None when caching is off or it is absent."""
         if self.root is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -165,6 +166,8 @@ class _SeedRun:
                        train=train.key if model.trainable else None, val=val.key if model.trainable else None,
                        shape=train.image_shape, classes=train.num_classes, fingerprint=model.fingerprint())
 
+        model.resume_dir = self.cache.scratch_dir(key)
+
         def train_model() -> dict[str, Any]:
             _seed_everything(self.seed)
             network = model.build(train.image_shape, train.num_classes, self.seed)
@@ -174,6 +177,8 @@ class _SeedRun:
             return {k: v.detach().cpu() for k, v in network.state_dict().items()}
 
         state = self.cache.state_dict(key, train_model)
+        if model.resume_dir is not None:
+            shutil.rmtree(model.resume_dir, ignore_errors=True)  # the weights are cached: nothing left to resume
         network = model.build(train.image_shape, train.num_classes, self.seed)
         network.load_state_dict(state)
         return ClassifierHandle(network, self.opts.device, self.batch_size), key, entry, options

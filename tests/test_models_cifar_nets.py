@@ -222,6 +222,31 @@ def test_training_is_seeded_and_lowers_the_loss(registry, one_thread, name):
     assert losses[-1] < losses[0]
 
 
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_interrupted_training_resumes_to_the_same_weights(registry, one_thread, tmp_path, name):
+    data = _separable_set()
+    plugin = model(registry, name, epochs=3, batch_size=12, lr=0.05, **TINY[name])
+
+    def stop_after_epoch_2(message):
+        if message.startswith("epoch 2/3"):
+            raise Interrupted  # as a killed process would, after epoch 2's state was saved
+
+    uninterrupted = plugin.build(data.image_shape, 3, seed=0)
+    plugin.train(uninterrupted, data, data, 0, torch.device("cpu"), lambda message: None)
+    plugin.resume_dir = tmp_path / "resume"
+    with pytest.raises(Interrupted):
+        plugin.train(plugin.build(data.image_shape, 3, seed=0), data, data, 0, torch.device("cpu"), stop_after_epoch_2)
+    messages = []
+    resumed = plugin.build(data.image_shape, 3, seed=0)
+    plugin.train(resumed, data, data, 0, torch.device("cpu"), messages.append)
+    assert messages[0].startswith("resuming after epoch 2") and len(messages) == 2  # only epoch 3 ran again
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()))
+
+
 def test_densenet_trains_through_the_runner(registry, one_thread, tmp_path):
     (tmp_path / "bench.toml").write_text("""
 name = "digits-densenet"
@@ -239,5 +264,7 @@ ood = ["uniform"]
                       progress=False)
     result = run_benchmark(opts, registry)
     assert all(row["status"] == "ok" for row in result.rows), [row.get("error") for row in result.rows]
+    scratch = tmp_path / "cache" / "scratch"  # the per-epoch state went there, and is gone once the weights are cached
+    assert scratch.is_dir() and not any(scratch.iterdir())
     # Three epochs of a tiny net, with 4-pixel shifts of 8x8 digits: weak (0.26 when written) but above chance.
     assert result.meta["per_seed"][0]["test_accuracy"] > 0.15

@@ -14,6 +14,12 @@ from oodbench.api import ImageSet, Model, PluginError
 from .checkpoints import checkpoint_path, file_sha256, load_checkpoint
 from .recipes import check_normalisation, he_init, normalisation_stats, train_sgd
 
+# --------------------------------------------------------------------------------------
+# DenseNet-BC. Module names follow the authors' code (ODIN's code/densenet.py, Lee et al.'s
+# models/densenet.py: DenseNet3), so their weights load as a state dict without renaming.
+# --------------------------------------------------------------------------------------
+
+
 class _Bottleneck(nn.Module):
     """BN-ReLU-Conv(1x1, 4k)-BN-ReLU-Conv(3x3, k), output concatenated to the input."""
 
@@ -202,4 +208,4 @@ class DenseNetBC(Model):
               device: torch.device, progress: Callable[[str], None]) -> None:
         train_sgd(network, train, seed=seed, device=device, progress=progress, epochs=self.epochs,
                   batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                  milestones_percent=(50, 75), gamma=0.1, padding_mode="constant")
+                  milestones_percent=(50, 75), gamma=0.1, padding_mode="constant", resume_dir=self.resume_dir)

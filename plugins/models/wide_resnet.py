@@ -178,4 +178,4 @@ class WideResNet(Model):
         milestones, gamma = SCHEDULES[self.schedule]
         train_sgd(network, train, seed=seed, device=device, progress=progress, epochs=self.epochs,
                   batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                  milestones_percent=milestones, gamma=gamma, padding_mode="reflect")
+                  milestones_percent=milestones, gamma=gamma, padding_mode="reflect", resume_dir=self.resume_dir)
