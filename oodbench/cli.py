@@ -137,6 +137,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     registry = _registry(args)
     bench = _find_benchmark(registry, args.benchmark)
     n_seeds = args.seeds or bench.seeds
+    if args.export and n_seeds > 1 and "{seed}" not in args.export:
+        raise ValueError("--export needs '{seed}' in the file name when training several seeds")
     opts = RunOptions(
         benchmark=bench, detectors=[], seeds=list(range(args.first_seed, args.first_seed + n_seeds)),
         cache_dir=Path(args.cache_dir or default_cache_dir()), data_dir=Path(args.data_dir).expanduser(),
@@ -149,8 +151,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.export:
         for t in trained:
             path = Path(args.export.format(seed=t["seed"]))
-            if len(trained) > 1 and "{seed}" not in args.export:
-                raise ValueError("--export needs '{seed}' in the file name when training several seeds")
             atomic_write(path, lambda f, state=t["state_dict"]: torch.save({"state_dict": state}, f))
             print(f"wrote {path} (a state dict: give it to the model's 'checkpoint' option where it has one)")
     return 0

@@ -125,6 +125,7 @@ class _SeedRun:
         self.batch_size = opts.batch_size or self.bench.batch_size
         self._id_sets: dict[str, ImageSet] = {}
         self.scores: dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray]] = {}  # filled by detector_rows
+        self.need_layers = False  # set by run() from the detectors' needs
 
     # -- data ------------------------------------------------------------------------
     def _dataset(self, ref_name: str, options: dict[str, Any]):
@@ -476,12 +477,13 @@ def train_classifiers(opts: RunOptions, registry: Registry) -> list[dict[str, An
         started, hits = time.perf_counter(), cache.hits
         seed_run = _SeedRun(opts, registry, cache, progress, seed)
         handle, key, _, options = seed_run.classifier()
-        test = seed_run.id_split("test")
-        logits = torch.cat([handle.logits(batch) for batch in test.batches(seed_run.batch_size * 4)])
+        cached = cache.hits > hits
+        # Through the cached extraction, so a later run does not repeat this forward pass.
+        test = seed_run.outputs(handle, key, seed_run.id_split("test"), "test")
         out.append({"seed": seed, "model": opts.benchmark.model.plugin, "options": options, "key": key,
-                    "file": cache.path_of(key, ".pt"), "cached": cache.hits > hits,
+                    "file": cache.path_of(key, ".pt"), "cached": cached,
                     "seconds": time.perf_counter() - started,
-                    "test_accuracy": float((logits.argmax(1).numpy() == test.y).mean()),
+                    "test_accuracy": float((test.predictions == seed_run.id_split("test").y).mean()),
                     "state_dict": handle.network.state_dict()})
     return out
 

@@ -98,6 +98,9 @@ def test_train_caches_the_classifier_that_run_then_starts_from(tmp_path):
     out = tmp_path / "out"
     assert run_cli("run", "-d", "msp", "--cache-dir", str(cache), "-o", str(out), "-q").returncode == 0
     assert json.loads((out / "run.json").read_text())["per_seed"][0]["model_key"] in weights.name
+    # A bad --export is refused before any training, not after hours of it.
+    refused = run_cli("train", "--seeds", "2", "--export", str(tmp_path / "w.pt"), "--cache-dir", str(tmp_path / "new"))
+    assert refused.returncode == 2 and "needs '{seed}'" in refused.stderr and not (tmp_path / "new").exists()
 
 
 def test_help_lists_commands():
