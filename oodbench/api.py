@@ -241,6 +241,24 @@ class ClassifierHandle:
         return results
 
 
+class LayeredNetwork(torch.nn.Module):
+    """Base for a classifier network that defines ``forward_layers`` (see ``ClassifierHandle``).
+
+    ``forward_features`` and ``forward`` (logits) are derived from it, so a network states its
+    layers once and every view of it agrees.
+    """
+
+    def forward_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, features, _ = self.forward_layers(x)
+        return logits, features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)[0]
+
+
 class _Activity:
     def __init__(self, handle: ClassifierHandle, name: str):
         self.handle, self.name, self.previous = handle, name, None
@@ -417,7 +435,8 @@ class Model(Plugin):
     ``build`` returns an ``nn.Module`` mapping [0, 1] images to logits, with
     ``forward_features(x) -> (logits, penultimate)``; input normalisation lives inside it.
     Optionally ``forward_layers(x) -> (logits, penultimate, [intermediate outputs])`` too,
-    for detectors that read intermediate layers (see ``ClassifierHandle``).
+    for detectors that read intermediate layers (see ``ClassifierHandle``); subclassing
+    ``LayeredNetwork`` then derives ``forward_features`` and ``forward`` from it.
     ``train`` fits it in place (skipped when ``trainable`` is False: ``build`` then loads
     the weights). The core caches the trained weights.
     """

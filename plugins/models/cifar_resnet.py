@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from oodbench.api import ImageSet, Model, PluginError
+from oodbench.api import ImageSet, LayeredNetwork, Model, PluginError
 
 from .checkpoints import checkpoint_path, file_sha256, load_checkpoint
 
@@ -33,7 +33,7 @@ class _Block(nn.Module):
         return F.relu(out + shortcut)
 
 
-class CifarResNetNetwork(nn.Module):
+class CifarResNetNetwork(LayeredNetwork):
     def __init__(self, blocks: int, channels: int, num_classes: int, mean: tuple, std: tuple):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
@@ -59,13 +59,6 @@ class CifarResNetNetwork(nn.Module):
         third = self.layer3(second)
         features = third.mean((2, 3))
         return self.linear(features), features, [stem, first, second, third]
-
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, features, _ = self.forward_layers(x)
-        return logits, features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)[0]
 
 
 class CifarResNet(Model):

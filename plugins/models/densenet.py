@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from oodbench.api import ImageSet, Model, PluginError
+from oodbench.api import ImageSet, LayeredNetwork, Model, PluginError
 
 from .checkpoints import checkpoint_path, file_sha256, load_checkpoint
 from .recipes import check_normalisation, he_init, normalisation_stats, train_sgd
@@ -73,7 +73,7 @@ class _DenseBlock(nn.Module):
         return self.layer(x)
 
 
-class DenseNetBCNetwork(nn.Module):
+class DenseNetBCNetwork(LayeredNetwork):
     """Stem conv (2k channels), three dense blocks joined by transitions, BN-ReLU, global average, linear."""
 
     def __init__(self, depth: int, growth_rate: int, compression: float, bottleneck: bool, dropout: float,
@@ -112,13 +112,6 @@ class DenseNetBCNetwork(nn.Module):
         third = F.relu(self.bn1(self.block3(second)))
         features = third.mean((2, 3))
         return self.fc(features), features, [stem, first, second, third]
-
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, features, _ = self.forward_layers(x)
-        return logits, features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)[0]
 
 
 class DenseNetBC(Model):

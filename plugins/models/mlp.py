@@ -6,14 +6,14 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from oodbench.api import ImageSet, Model, PluginError
+from oodbench.api import ImageSet, LayeredNetwork, Model, PluginError
 
 from .recipes import train_adam
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
-class _Network(nn.Module):
+class _Network(LayeredNetwork):
     def __init__(self, inputs: int, hidden: int, layers: int, num_classes: int, activation: str, mean: float, std: float):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean))
@@ -30,13 +30,6 @@ class _Network(nn.Module):
             h = self.activation(layer(h))
             outputs.append(h)
         return self.linear(h), h, outputs
-
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, features, _ = self.forward_layers(x)
-        return logits, features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)[0]
 
 
 class MLP(Model):

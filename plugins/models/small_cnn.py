@@ -7,12 +7,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from oodbench.api import ImageSet, Model
+from oodbench.api import ImageSet, LayeredNetwork, Model
 
 from .recipes import train_adam
 
 
-class _Network(nn.Module):
+class _Network(LayeredNetwork):
     def __init__(self, channels: int, num_classes: int, width: int, mean: float, std: float):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean))
@@ -29,13 +29,6 @@ class _Network(nn.Module):
         third = F.relu(self.conv3(second))
         features = third.mean((2, 3))  # global average pooling: the penultimate features
         return self.linear(features), features, [first, second, third]
-
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, features, _ = self.forward_layers(x)
-        return logits, features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)[0]
 
 
 class SmallCNN(Model):

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from oodbench.api import ImageSet, Model, PluginError
+from oodbench.api import ImageSet, LayeredNetwork, Model, PluginError
 
 from .checkpoints import checkpoint_path, file_sha256, load_checkpoint
 from .recipes import check_normalisation, he_init, normalisation_stats, train_sgd
@@ -53,7 +53,7 @@ class _Group(nn.Module):
         return self.layer(x)
 
 
-class WideResNetNetwork(nn.Module):
+class WideResNetNetwork(LayeredNetwork):
     """Conv3x3 (16), three groups of (depth - 4) / 6 blocks (16k, 32k, 64k wide; strides 1, 2, 2), BN-ReLU, linear."""
 
     def __init__(self, depth: int, widen_factor: int, dropout: float, channels: int, num_classes: int,
@@ -85,13 +85,6 @@ class WideResNetNetwork(nn.Module):
         third = F.relu(self.bn1(self.block3(second)))
         features = third.mean((2, 3))
         return self.fc(features), features, [stem, first, second, third]
-
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, features, _ = self.forward_layers(x)
-        return logits, features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)[0]
 
 
 class WideResNet(Model):
