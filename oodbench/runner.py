@@ -187,22 +187,28 @@ class _SeedRun:
     def outputs(self, handle: ClassifierHandle, model_key: str, images: ImageSet, activity: str,
                 labels: np.ndarray | None = None) -> SplitView:
         # Intermediate layers ride along in the same pass, only when a detector of the run reads them.
+        # Logits and features are the same either way, so the view's key (which detector scores are
+        # cached under) does not depend on it, and a run without layer detectors reads an entry
+        # that one with them stored.
+        key = make_key("outputs", model=model_key, images=images.key)
+        with_layers = make_key("outputs", model=model_key, images=images.key, layers=True)
         layers = self.need_layers and handle.has_layers
-        key = make_key("outputs", model=model_key, images=images.key, **({"layers": True} if layers else {}))
+        stored = with_layers if layers or self.cache.path_of(with_layers, ".npz") else key
+        layers_in_store = stored == with_layers
 
         def extract() -> dict[str, np.ndarray]:
             chunks = []
             with handle.activity(f"extract:{activity}"):
                 for batch in self.progress.iterate(images.batches(self.batch_size * 4), f"features {activity}",
                                                    total=math.ceil(len(images) / (self.batch_size * 4))):
-                    chunks.append(handle.outputs_and_layers(batch, layers))
+                    chunks.append(handle.outputs_and_layers(batch, layers_in_store))
             arrays = {"logits": np.concatenate([c[0].numpy() for c in chunks]),
                       "features": np.concatenate([c[1].numpy() for c in chunks])}
             for i in range(len(chunks[0][2]) if chunks else 0):
                 arrays[f"layer{i}"] = np.concatenate([c[2][i].numpy() for c in chunks])
             return arrays
 
-        arrays = self.cache.arrays(key, extract)
+        arrays = self.cache.arrays(stored, extract)
         maps = [arrays[f"layer{i}"] for i in range(sum(k.startswith("layer") for k in arrays))] if layers else None
         return SplitView(activity, arrays["logits"], arrays["features"], images, labels, key=key, layers=maps)
 

@@ -86,6 +86,16 @@ def test_second_run_recomputes_nothing_and_gives_identical_csv(registry, tmp_pat
     assert c == a
 
 
+def test_extraction_with_layers_serves_later_runs_without_them(registry, tmp_path):
+    cache = tmp_path / "cache"
+    first = run_benchmark(_options(registry, "mahalanobis-ensemble-nood[epsilons=(0.0,)],msp", cache), registry)
+    assert any(a.startswith("extract:") for a in first.meta["per_seed"][0]["passes"])
+    second = run_benchmark(_options(registry, "msp", cache), registry)
+    assert not any(a.startswith("extract:") for a in second.meta["per_seed"][0]["passes"]), "no pass repeated"
+    mine = [(r["source"], r["auroc"]) for r in second.rows]
+    assert mine == [(r["source"], r["auroc"]) for r in first.rows if r["detector"] == "msp"]
+
+
 class Flaky(Detector):
     """Raises on noise, NaN on flips, fine elsewhere."""
 
