@@ -32,6 +32,10 @@ import torch
 #: What a detector may declare in ``Detector.needs``.
 NEEDS = frozenset({"logits", "features", "layers", "labels", "images", "gradients"})
 
+#: The label of a training image whose label a semi-supervised benchmark withholds
+#: (``[in_distribution] labels_per_class``); only models with ``semi_supervised`` see such images.
+UNLABELED = -1
+
 
 class PluginError(Exception):
     """A plugin could not do its job; the message says why and is shown to the user as is."""
@@ -439,9 +443,14 @@ class Model(Plugin):
     ``LayeredNetwork`` then derives ``forward_features`` and ``forward`` from it.
     ``train`` fits it in place (skipped when ``trainable`` is False: ``build`` then loads
     the weights). The core caches the trained weights.
+
+    When the benchmark withholds labels (``labels_per_class``), a model with
+    ``semi_supervised = True`` receives the whole training split, withheld labels set to
+    ``UNLABELED``; any other model receives only the labelled images.
     """
 
     trainable: ClassVar[bool] = True
+    semi_supervised: ClassVar[bool] = False
     #: the run's ``--data-dir``, set by the core before ``build``: relative checkpoint paths start here
     data_dir: Path = Path(".")
     #: set by the core before ``train`` when caching is on: a folder private to this training (model,
@@ -492,8 +501,10 @@ class Detector(Plugin):
     Score direction: **higher = more trustworthy**. Class attributes:
 
     * ``needs``: subset of ``NEEDS`` the detector reads. ``"labels"``: labels of the fit
-      splits; ``"features"``: penultimate features; ``"layers"``: spatial means of the
-      classifier's intermediate layers (``SplitView.layers``); ``"images"``: raw inputs;
+      splits (when the benchmark withholds training labels, such a detector is fitted on the
+      labelled training images only; every other detector on the whole training split);
+      ``"features"``: penultimate features; ``"layers"``: spatial means of the classifier's
+      intermediate layers (``SplitView.layers``); ``"images"``: raw inputs;
       ``"gradients"``: the classifier itself (``FitContext.model``) for input gradients.
     * ``tunes_on_source``: the paper tunes hyperparameters on held-out samples of each
       failure source (ODIN). The core then calls ``tune(holdout)`` before scoring a source,

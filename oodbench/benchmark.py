@@ -9,6 +9,8 @@ Schema (version 1; every key but ``name``, ``in_distribution`` and ``model`` is 
     [in_distribution]
     dataset = "digits"              # a dataset plugin providing train/val/test with labels
     options = {}                    # its options
+    labels_per_class = 0            # semi-supervised: keep this many training labels per class
+                                    # (seeded choice; 0 = keep every label)
 
     [model]
     plugin = "digits-cnn"           # a model plugin
@@ -82,6 +84,7 @@ class Benchmark:
     holdout_fraction: float
     test_subset: int
     default: bool = False
+    labels_per_class: int = 0
 
 
 _TOP = {"name", "description", "default", "in_distribution", "model", "sources", "run"}
@@ -125,6 +128,10 @@ def load_benchmark(path: Path) -> Benchmark:
 
     name = text(raw.get("name"), "name")
     idd = table(raw.get("in_distribution"), "in_distribution")
+    unknown_idd = set(idd) - {"dataset", "options", "labels_per_class"}
+    if unknown_idd:
+        raise fail("in_distribution", f"unknown key {', '.join(sorted(unknown_idd))}; "
+                                      "allowed: dataset, options, labels_per_class")
     model = table(raw.get("model"), "model")
     sources = table(raw.get("sources", {}), "sources")
     run = table(raw.get("run", {}), "run")
@@ -183,4 +190,5 @@ def load_benchmark(path: Path) -> Benchmark:
         holdout_fraction=float(fraction),
         test_subset=integer(run["test_subset"], "run.test_subset", 0),
         default=default,
+        labels_per_class=integer(idd.get("labels_per_class", 0), "in_distribution.labels_per_class", 0),
     )

@@ -28,9 +28,11 @@ import numpy as np
 import torch
 
 from . import __version__
-from .api import ClassifierHandle, DatasetContext, Detector, FitContext, Holdout, ImageSet, PluginError, SplitView
+from .api import (UNLABELED, ClassifierHandle, DatasetContext, Detector, FitContext, Holdout, ImageSet, PluginError,
+                  SplitView)
 from .benchmark import Benchmark
 from .cache import Cache, make_key
+from .labels import keep_labels_per_class
 from .metrics import compute_all
 from .plugins import Entry, Registry, instantiate, resolve_options
 from .progress import Progress
@@ -141,6 +143,9 @@ class _SeedRun:
                 raise PluginError(f"in-distribution dataset '{ref.plugin}' gave no labels or num_classes for '{split}'")
             if split == "test" and self.bench.test_subset:
                 images = images.subset(np.arange(min(self.bench.test_subset, len(images))))
+            if split == "train" and self.bench.labels_per_class:
+                kept = keep_labels_per_class(images.y, self.bench.labels_per_class, self.seed, f"{ref.plugin} train split")
+                images = ImageSet(images.x, kept, images.name, images.num_classes)
             self._id_sets[split] = images
         return self._id_sets[split]
 
@@ -163,6 +168,8 @@ class _SeedRun:
         model = entry.target(**options)
         model.data_dir = self.opts.data_dir
         train, val = self.id_split("train"), self.id_split("val")
+        if not model.semi_supervised:
+            train = _labelled(train)
         key = make_key("model", plugin=ref.plugin, version=entry.version, options=options, seed=self.seed,
                        train=train.key if model.trainable else None, val=val.key if model.trainable else None,
                        shape=train.image_shape, classes=train.num_classes, fingerprint=model.fingerprint())
@@ -289,8 +296,8 @@ class _SeedRun:
         (source.holdout_positives, source.positives), (source.holdout_negatives, source.negatives) = split
 
     # -- detectors ---------------------------------------------------------------------
-    def detector_rows(self, spec: DetectorSpec, handle: ClassifierHandle, model_key: str,
-                      train: SplitView, val: SplitView, sources: list[Source]) -> tuple[list[dict], list[dict]]:
+    def detector_rows(self, spec: DetectorSpec, handle: ClassifierHandle, model_key: str, train: SplitView,
+                      train_labelled: SplitView, val: SplitView, sources: list[Source]) -> tuple[list[dict], list[dict]]:
         entry = self.registry.get("detectors", spec.name)
         resolved = resolve_options(entry, spec.options, seed=self.seed)
         det_key = make_key("detector", name=spec.name, version=entry.version, options=resolved,
@@ -310,7 +317,8 @@ class _SeedRun:
                 try:
                     _seed_everything(self.seed)
                     detector = cls(**resolved)
-                    ctx = FitContext(train.restricted(needs), val.restricted(needs), int(train.logits.shape[1]),
+                    fit_train = train_labelled if "labels" in needs else train
+                    ctx = FitContext(fit_train.restricted(needs), val.restricted(needs), int(train.logits.shape[1]),
                                      self.seed, self.opts.device, handle if "gradients" in needs else None)
                     with handle.activity(f"detector:{spec.label}:fit"), \
                             self.progress.status(f"fitting {spec.label}") as say:
@@ -406,13 +414,16 @@ class _SeedRun:
         self.need_layers = any("layers" in self.registry.get("detectors", spec.name).target.needs for spec in specs)
         _seed_everything(self.seed)
         handle, model_key, model_entry, model_options = self.classifier()
-        train = self.outputs(handle, model_key, self.id_split("train"), "train", self.id_split("train").y)
+        train_set = self.id_split("train")
+        train = self.outputs(handle, model_key, train_set, "train", train_set.y)
+        labelled = np.flatnonzero(train_set.y != UNLABELED)
+        train_labelled = train if len(labelled) == len(train_set) else train.subset(labelled, "train (labelled)")
         val = self.outputs(handle, model_key, self.id_split("val"), "val", self.id_split("val").y)
         test, sources = self.sources(handle, model_key)
         accuracy = float((test.predictions == self.id_split("test").y).mean())
         rows, timings = [], []
         for spec in specs:
-            r, t = self.detector_rows(spec, handle, model_key, train, val, sources)
+            r, t = self.detector_rows(spec, handle, model_key, train, train_labelled, val, sources)
             rows += r
             timings += t
         common = {"schema_version": SCHEMA_VERSION, "benchmark": self.bench.name,
@@ -422,12 +433,19 @@ class _SeedRun:
             row.update(common)
         meta = {"seed": self.seed, "model_key": model_key, "model_options": model_options,
                 "model_provider": f"{model_entry.provider} {model_entry.provider_version}",
-                "test_accuracy": accuracy, "passes": handle.passes, "detectors": self.detector_metadata,
+                "test_accuracy": accuracy, "train_images": len(train_set), "train_labels": len(labelled),
+                "passes": handle.passes, "detectors": self.detector_metadata,
                 "batch_size": {"asked": self.batch_size, "used": handle.batch_size,
                                "halved_after_out_of_memory": handle.memory_backoffs},
                 "sources": {s.name: {"n_pos": len(s.positives), "n_neg": len(s.negatives), "n_holdout": s.n_holdout}
                             for s in sources if s.kind != "error"}}
         return rows, timings, meta
+
+
+def _labelled(images: ImageSet) -> ImageSet:
+    """The images of ``images`` whose label is not withheld (all of them, as is, when none is)."""
+    keep = np.flatnonzero(images.y != UNLABELED)
+    return images if len(keep) == len(images) else images.subset(keep)
 
 
 class _FitFailed(Exception):

@@ -73,7 +73,8 @@ def test_missing_npz_file_names_the_file(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("name, folder", [("cifar10", "cifar-10-batches-py"), ("cifar80-wrn", "cifar-100-python")])
+@pytest.mark.parametrize("name, folder", [("cifar10", "cifar-10-batches-py"), ("cifar80-wrn", "cifar-100-python"),
+                                                ("cifar100-te-wrn", "cifar-100-python")])
 def test_paper_benchmark_without_its_data_names_the_folder(tmp_path, name, folder):
     done = run_cli("run", "-b", name, "-d", "msp", "--data-dir", str(tmp_path), "--no-cache")
     assert done.returncode == 1

@@ -226,10 +226,13 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("name", TINY)
+RESUMABLE = {**TINY, "wide-resnet-te": {**TINY["wide-resnet"], "rampup_epochs": 2, "rampdown_epochs": 1}}
+
+
+@pytest.mark.parametrize("name", RESUMABLE)
 def test_interrupted_training_resumes_to_the_same_weights(registry, one_thread, tmp_path, name):
     data = _separable_set()
-    plugin = model(registry, name, epochs=3, batch_size=12, lr=0.05, **TINY[name])
+    plugin = model(registry, name, epochs=3, batch_size=12, lr=0.05, **RESUMABLE[name])
 
     def stop_after_epoch_2(message):
         if message.startswith("epoch 2/3"):

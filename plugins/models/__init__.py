@@ -10,4 +10,5 @@ def oodbench_register_models(register):
     register(cifar_resnet.CifarResNet)
     register(densenet.DenseNetBC)
     register(wide_resnet.WideResNet)
+    register(wide_resnet.TemporalEnsemblingWideResNet)
     register(mlp.MLP)
