@@ -225,14 +225,33 @@ def odin_grid_cost(result: RunResult, registry: Registry, seed_meta: dict[str, A
     return out
 
 
+def throughput(seed_meta: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Images/s through the network by phase (feature extraction, attacks, detectors' own passes).
+
+    ``network_share``: the part of the phase's wall time spent inside network passes; the rest
+    is data handling and bookkeeping (MEASUREMENTS.md's plain-PyTorch figures have none).
+    """
+    phases: dict[str, dict[str, float]] = {}
+    for activity, entry in seed_meta["throughput"].items():
+        phase = phases.setdefault(activity.split(":")[0], {"images": 0, "network_seconds": 0.0, "wall_seconds": 0.0})
+        for key in phase:
+            phase[key] += entry[key]
+    for phase in phases.values():
+        wall = phase["wall_seconds"]
+        phase["images_per_second"] = phase["images"] / wall if wall else 0.0
+        phase["network_share"] = phase["network_seconds"] / wall if wall else 0.0
+    return phases
+
+
 def report(result: RunResult, bench: Benchmark, registry: Registry, data_dir: Path) -> list[dict[str, Any]]:
-    """Per seed: image set sizes, the passes report against the minimum, and ODIN's grid cost."""
+    """Per seed: image set sizes, the passes report against the minimum, ODIN's grid cost, throughput."""
     out = []
     for seed_meta in result.meta["per_seed"]:
         minimum, sizes = run_minimum(result, bench, registry, data_dir, seed_meta)
         out.append({"seed": seed_meta["seed"], "image_sets": sizes,
                     "passes": passes_report(seed_meta["passes"], minimum),
-                    "odin_grid": odin_grid_cost(result, registry, seed_meta)})
+                    "odin_grid": odin_grid_cost(result, registry, seed_meta),
+                    "throughput": throughput(seed_meta), "numerics": seed_meta["numerics"]["used"]})
     return out
 
 
@@ -247,6 +266,10 @@ def _print(reports: list[dict[str, Any]]) -> None:
         for label, grid in seed_report["odin_grid"].items():
             print(f"  {label} grid per holdout image: measured {grid['measured_per_image']}, "
                   f"formula {grid['formula_per_image']}, naive {grid['naive_per_image']}")
+        print(f"  throughput ({seed_report['numerics']}): images/s, share of wall time inside network passes")
+        for phase, entry in seed_report["throughput"].items():
+            print(f"  {phase:<40} {entry['images_per_second']:>9.0f} img/s  {entry['network_share']:.0%} "
+                  f"({entry['images']} images, {entry['wall_seconds']:.1f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh-cache", action="store_true",
                         help="run with an empty temporary cache, as a first `oodbench run` does (default: cache "
                              "disabled, as `oodbench run --no-cache`)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on a GPU (as oodbench run --bf16)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last on a GPU")
     parser.add_argument("--out", help="write the report as JSON here")
     args = parser.parse_args(argv)
     registry = build_registry(strict=True)
@@ -267,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="oodbench-passes-") as fresh:
         opts = RunOptions(benchmark=bench, detectors=parse_detectors(args.detectors), seeds=list(range(args.seeds)),
                           cache_dir=Path(fresh) if args.fresh_cache else None, data_dir=data_dir,
-                          device=choose_device("auto"), progress=False)
+                          device=choose_device(args.device), progress=False, bf16=args.bf16,
+                          channels_last=args.channels_last)
         result = run_benchmark(opts, registry)
     reports = report(result, bench, registry, data_dir)
     _print(reports)

@@ -22,6 +22,7 @@ Conventions shared by every plugin:
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
@@ -137,21 +138,59 @@ class ClassifierHandle:
     detectors that read intermediate layers (Lee et al.'s feature ensemble); each
     intermediate output (N x C x H x W, or N x D) is reduced to its per-channel spatial mean,
     as in Lee et al.'s code.
+
+    ``bf16`` runs passes under bfloat16 autocast and ``channels_last`` feeds the network
+    channels-last tensors: GPU speed options (the runner enables them only on CUDA devices);
+    outputs and gradients come back in float32 either way.
     """
 
-    def __init__(self, network: torch.nn.Module, device: torch.device, batch_size: int = 512):
+    def __init__(self, network: torch.nn.Module, device: torch.device, batch_size: int = 512,
+                 bf16: bool = False, channels_last: bool = False):
         self.network = network.to(device).eval()
+        if channels_last:
+            self.network = self.network.to(memory_format=torch.channels_last)
         self.device = device
         self.batch_size = batch_size
+        self.bf16, self.channels_last = bf16, channels_last
         #: images pushed through the network, by kind of pass and by what the runner is doing
         self.passes: dict[str, dict[str, int]] = {}
+        #: per activity: seconds inside network passes (transfers included) and seconds overall
+        self.seconds: dict[str, dict[str, float]] = {}
         self._activity = "other"
+        self._since = time.perf_counter()
         #: times the batch size was halved after running out of memory
         self.memory_backoffs = 0
+
+    @property
+    def numerics(self) -> str:
+        """What makes outputs differ from plain fp32 NCHW in their last bits ("" when nothing); enters cache keys."""
+        return "+".join(name for name, on in (("bf16", self.bf16), ("channels-last", self.channels_last)) if on)
 
     def count(self, kind: str, n: int) -> None:
         per_activity = self.passes.setdefault(self._activity, {"forward": 0, "forward_backward": 0})
         per_activity[kind] += n
+
+    def _switch(self, activity: str) -> None:
+        """Charge the time since the last switch to the current activity, then make ``activity`` current."""
+        now = time.perf_counter()
+        self.seconds.setdefault(self._activity, {"network": 0.0, "wall": 0.0})["wall"] += now - self._since
+        self._since, self._activity = now, activity
+
+    def throughput(self) -> dict[str, dict[str, float]]:
+        """Per activity that ran the network: images, seconds, images/s, and the share spent in passes.
+
+        ``wall_seconds`` is the time the activity was current (nested activities are charged to
+        the inner one), so ``network_share`` below 1 is what data handling and bookkeeping cost.
+        """
+        self._switch(self._activity)
+        out = {}
+        for activity, counts in self.passes.items():
+            images = counts["forward"] + counts["forward_backward"]
+            spent = self.seconds.get(activity, {"network": 0.0, "wall": 0.0})
+            out[activity] = {"images": images, "network_seconds": spent["network"], "wall_seconds": spent["wall"],
+                             "images_per_second": images / spent["wall"] if spent["wall"] else 0.0,
+                             "network_share": spent["network"] / spent["wall"] if spent["wall"] else 0.0}
+        return out
 
     @property
     def has_layers(self) -> bool:
@@ -159,14 +198,19 @@ class ClassifierHandle:
         return callable(getattr(self.network, "forward_layers", None))
 
     def _forward(self, x: torch.Tensor, layers: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        if not layers:
-            logits, feats = self.network.forward_features(x)
-            return logits, feats.flatten(1), []
-        if not self.has_layers:
+        if layers and not self.has_layers:
             raise PluginError(f"the classifier ({type(self.network).__name__}) exposes no intermediate layers "
                               "(no forward_layers method)")
-        logits, feats, maps = self.network.forward_layers(x)
-        return logits, feats.flatten(1), [m.flatten(2).mean(2) if m.dim() > 2 else m for m in maps]
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # Outputs leave in float32 whatever ran inside, so objectives and detectors never see bf16.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            if not layers:
+                logits, feats = self.network.forward_features(x)
+                return logits.float(), feats.flatten(1).float(), []
+            logits, feats, maps = self.network.forward_layers(x)
+        return logits.float(), feats.flatten(1).float(), [
+            (m.flatten(2).mean(2) if m.dim() > 2 else m).float() for m in maps]
 
     def activity(self, name: str) -> "_Activity":
         """Attribute passes made inside the ``with`` block to ``name`` (e.g. ``extract:test``)."""
@@ -231,8 +275,9 @@ class ClassifierHandle:
         results, start = [], 0
         while start < len(images):
             batch = images[start:start + self.batch_size]
+            started = time.perf_counter()
             try:
-                results.append(step(batch))
+                results.append(step(batch))  # ends in a copy to the CPU, so the time includes the device's work
             except torch.OutOfMemoryError:
                 if self.batch_size == 1:
                     raise PluginError(f"out of memory on {self.device} even with one image per batch") from None
@@ -241,6 +286,8 @@ class ClassifierHandle:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
+            self.seconds.setdefault(self._activity, {"network": 0.0, "wall": 0.0})["network"] += \
+                time.perf_counter() - started
             start += len(batch)
         return results
 
@@ -268,11 +315,12 @@ class _Activity:
         self.handle, self.name, self.previous = handle, name, None
 
     def __enter__(self) -> ClassifierHandle:
-        self.previous, self.handle._activity = self.handle._activity, self.name
+        self.previous = self.handle._activity
+        self.handle._switch(self.name)
         return self.handle
 
     def __exit__(self, *exc: object) -> None:
-        self.handle._activity = self.previous
+        self.handle._switch(self.previous)
 
 
 # --------------------------------------------------------------------------------------

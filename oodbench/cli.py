@@ -106,8 +106,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         benchmark=bench, detectors=specs, seeds=list(range(args.first_seed, args.first_seed + n_seeds)),
         cache_dir=None if args.no_cache else Path(args.cache_dir or default_cache_dir()),
         data_dir=Path(args.data_dir).expanduser(), device=choose_device(args.device),
-        batch_size=args.batch_size, progress=not args.quiet,
+        batch_size=args.batch_size, progress=not args.quiet, bf16=args.bf16, channels_last=args.channels_last,
     )
+    if (args.bf16 or args.channels_last) and opts.device.type != "cuda" and not args.quiet:
+        print(f"oodbench: --bf16/--channels-last are GPU options; on {opts.device} the run stays plain fp32",
+              file=sys.stderr)
     result = run_benchmark(opts, registry)
     files = write_run(out, result.rows, result.timings, result.meta, result.scores)
     frame = results_frame(result.rows)
@@ -262,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder relative data paths are read from (default . or OODBENCH_DATA_DIR)")
     run.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     run.add_argument("--batch-size", type=int, help="classifier batch size (default: the benchmark's)")
+    run.add_argument("--bf16", action="store_true", help="GPU only: classifier passes (features, attacks, input "
+                     "gradients) under bfloat16 autocast, outputs kept float32; ignored on CPU")
+    run.add_argument("--channels-last", action="store_true", help="GPU only: channels-last memory format for "
+                     "the classifier; ignored on CPU")
     run.add_argument("--metric", default="auroc", help="metric of the printed table (default auroc)")
     run.add_argument("--strict", action="store_true", help="exit 1 if any row is an error")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress display and no table")

@@ -93,6 +93,9 @@ class RunOptions:
     device: torch.device
     batch_size: int | None = None
     progress: bool = True
+    #: GPU speed options (bf16 autocast, channels-last inputs); ignored on a CPU, whose results stay plain fp32
+    bf16: bool = False
+    channels_last: bool = False
 
 
 @dataclass
@@ -189,7 +192,10 @@ class _SeedRun:
             shutil.rmtree(model.resume_dir, ignore_errors=True)  # the weights are cached: nothing left to resume
         network = model.build(train.image_shape, train.num_classes, self.seed)
         network.load_state_dict(state)
-        return ClassifierHandle(network, self.opts.device, self.batch_size), key, entry, options
+        on_gpu = self.opts.device.type == "cuda"
+        handle = ClassifierHandle(network, self.opts.device, self.batch_size, bf16=self.opts.bf16 and on_gpu,
+                                  channels_last=self.opts.channels_last and on_gpu)
+        return handle, key, entry, options
 
     def outputs(self, handle: ClassifierHandle, model_key: str, images: ImageSet, activity: str,
                 labels: np.ndarray | None = None) -> SplitView:
@@ -197,8 +203,9 @@ class _SeedRun:
         # Logits and features are the same either way, so the view's key (which detector scores are
         # cached under) does not depend on it, and a run without layer detectors reads an entry
         # that one with them stored.
-        key = make_key("outputs", model=model_key, images=images.key)
-        with_layers = make_key("outputs", model=model_key, images=images.key, layers=True)
+        numerics = {"numerics": handle.numerics} if handle.numerics else {}
+        key = make_key("outputs", model=model_key, images=images.key, **numerics)
+        with_layers = make_key("outputs", model=model_key, images=images.key, layers=True, **numerics)
         layers = self.need_layers and handle.has_layers
         stored = with_layers if layers or self.cache.path_of(with_layers, ".npz") else key
         layers_in_store = stored == with_layers
@@ -224,8 +231,9 @@ class _SeedRun:
         entry = self.registry.get("attacks", attack_name)
         resolved = resolve_options(entry, options, seed=self.seed)
         attack = entry.target(**resolved)
+        numerics = {"numerics": handle.numerics} if handle.numerics else {}
         key = make_key("attack", model=model_key, images=clean.key, attack=attack_name, version=entry.version,
-                       options=resolved, eps=eps, seed=self.seed)
+                       options=resolved, eps=eps, seed=self.seed, **numerics)
 
         def run_attack() -> dict[str, np.ndarray]:
             generator = torch.Generator().manual_seed(self.seed)
@@ -437,6 +445,9 @@ class _SeedRun:
                 "passes": handle.passes, "detectors": self.detector_metadata,
                 "batch_size": {"asked": self.batch_size, "used": handle.batch_size,
                                "halved_after_out_of_memory": handle.memory_backoffs},
+                "numerics": {"asked": {"bf16": self.opts.bf16, "channels_last": self.opts.channels_last},
+                             "used": handle.numerics or "fp32"},
+                "throughput": handle.throughput(),
                 "sources": {s.name: {"n_pos": len(s.positives), "n_neg": len(s.negatives), "n_holdout": s.n_holdout}
                             for s in sources if s.kind != "error"}}
         return rows, timings, meta

@@ -93,3 +93,16 @@ def test_odin_grid_costs_one_gradient_per_temperature_and_one_forward_per_grid_p
     # the eps = 0 column is the only excess over the minimum: 10 of 210 forwards
     tune = report["passes"]["activities"]["detector:odin:tune"]
     assert tune["minimum"] == {"forward": 200 * holdout, "forward_backward": 10 * holdout}
+
+
+def test_throughput_by_phase_adds_up_to_the_passes(core_four):
+    _, result, report = core_four
+    passes = result.meta["per_seed"][0]["passes"]
+    phases = report["throughput"]
+    assert set(phases) == {"extract", "attack", "detector"}
+    for phase, entry in phases.items():
+        images = sum(c["forward"] + c["forward_backward"] for a, c in passes.items() if a.startswith(phase + ":"))
+        assert entry["images"] == images > 0
+        assert 0 < entry["network_share"] <= 1
+        assert entry["images_per_second"] == pytest.approx(images / entry["wall_seconds"])
+    assert report["numerics"] == "fp32"

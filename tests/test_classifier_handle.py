@@ -40,3 +40,47 @@ def test_out_of_memory_at_one_image_is_a_clear_error():
     handle = ClassifierHandle(Picky(limit=0), torch.device("cpu"), batch_size=4)
     with pytest.raises(PluginError, match="out of memory on cpu even with one image per batch"):
         handle.logits(torch.rand(3, 3, 2, 2))
+
+
+def _conv_net():
+    from oodbench_plugins.models.small_cnn import SmallCNN
+
+    return SmallCNN(width=8).build((3, 16, 16), 5, seed=0).eval()
+
+
+def test_bf16_and_channels_last_change_only_the_last_bits_and_return_float32():
+    """The GPU speed options, exercised on the CPU (the runner enables them only on CUDA)."""
+    images = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    objective = lambda logits, feats: logits.log_softmax(1).max(1).values  # noqa: E731
+    plain = ClassifierHandle(_conv_net(), torch.device("cpu"))
+    logits, features = plain.outputs(images)
+    gradient = plain.input_gradient(images, objective)
+    # bf16 keeps 8 bits of mantissa: outputs within a few percent, gradients pointing the same way
+    for options, tolerance, alignment in (({"channels_last": True}, 1e-5, 0.9999), ({"bf16": True}, 5e-2, 0.95)):
+        handle = ClassifierHandle(_conv_net(), torch.device("cpu"), **options)
+        other_logits, other_features = handle.outputs(images)
+        other_gradient = handle.input_gradient(images, objective)
+        assert other_logits.dtype == other_features.dtype == other_gradient.dtype == torch.float32
+        scale = logits.abs().max()
+        assert (other_logits - logits).abs().max() <= tolerance * scale
+        assert (other_features - features).abs().max() <= tolerance * features.abs().max()
+        assert torch.nn.functional.cosine_similarity(other_gradient.flatten(1), gradient.flatten(1)).min() > alignment
+    bf16_logits = ClassifierHandle(_conv_net(), torch.device("cpu"), bf16=True).logits(images)
+    assert not torch.equal(bf16_logits, logits), "autocast did not engage"
+    assert ClassifierHandle(_conv_net(), torch.device("cpu"), bf16=True, channels_last=True).numerics == \
+        "bf16+channels-last"
+
+
+def test_throughput_counts_every_image_and_charges_nested_activities_to_the_inner_one():
+    handle = ClassifierHandle(_conv_net(), torch.device("cpu"), batch_size=16)
+    images = torch.rand(40, 3, 16, 16)
+    with handle.activity("outer"):
+        handle.outputs(images)
+        with handle.activity("inner"):
+            handle.input_gradient(images[:8], lambda logits, feats: logits[:, 0])
+    report = handle.throughput()
+    assert report["outer"]["images"] == 40 and report["inner"]["images"] == 8
+    for entry in report.values():
+        assert 0 < entry["network_seconds"] <= entry["wall_seconds"]
+        assert 0 < entry["network_share"] <= 1
+        assert entry["images_per_second"] == pytest.approx(entry["images"] / entry["wall_seconds"])

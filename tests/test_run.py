@@ -42,6 +42,18 @@ def test_default_run_gives_every_row_with_finite_metrics(registry, shared_cache)
     assert mistakes["n_pos"] + mistakes["n_neg"] + mistakes["n_holdout"] == n_test == 360
 
 
+def test_gpu_speed_options_leave_cpu_results_unchanged(registry, shared_cache):
+    plain = run_benchmark(_options(registry, "msp,mahalanobis", shared_cache), registry)
+    fast = run_benchmark(_options(registry, "msp,mahalanobis", None, bf16=True, channels_last=True), registry)
+    columns = ["detector", "source", "auroc", "aupr_in", "fpr_at_95tpr"]
+    assert results_frame(fast.rows)[columns].equals(results_frame(plain.rows)[columns])
+    seed = fast.meta["per_seed"][0]
+    assert seed["numerics"] == {"asked": {"bf16": True, "channels_last": True}, "used": "fp32"}
+    extract = seed["throughput"]["extract:test"]
+    assert extract["images"] == seed["passes"]["extract:test"]["forward"] == 360
+    assert 0 < extract["network_share"] <= 1 and extract["images_per_second"] > 0
+
+
 def test_every_installed_detector_is_finite_on_every_source(registry, shared_cache):
     names = ",".join(registry.names("detectors"))
     result = run_benchmark(_options(registry, names, shared_cache), registry)
