@@ -1,7 +1,7 @@
 """oodbench against pytorch-ood 0.4, the quick mode of ``benchmarks/compare_pytorch_ood.py``, in-process.
 
-Needs pytorch-ood (``pip install -e ".[bench]"``) and the real files in ``../shared`` beside the
-checkout (or ``$OODBENCH_SHARED_DIR``); skipped without either, so CI (``.[test]`` only) skips it.
+Needs pytorch-ood (part of the ``test`` extra, or ``pip install -e ".[bench]"``) and the real
+files in ``../shared`` beside the checkout (or ``$OODBENCH_SHARED_DIR``); skipped without either.
 The full comparison and its figures are in BENCHMARKS.md.
 """
 import os
