@@ -226,7 +226,7 @@ class ClassifierHandle:
     def outputs_and_layers(self, images: torch.Tensor, layers: bool = True
                            ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(logits, penultimate features, [spatial means of intermediate layers]) in one pass each."""
-        def step(batch: torch.Tensor):
+        def step(batch: torch.Tensor, rows: slice):
             out, feat, maps = self._forward(batch.to(self.device, non_blocking=True), layers)
             self.count("forward", len(batch))
             return out.float().cpu(), feat.float().cpu(), [m.float().cpu() for m in maps]
@@ -245,28 +245,35 @@ class ClassifierHandle:
         images: torch.Tensor,
         objective: Callable[..., torch.Tensor],
         layers: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """d objective / d images for a batch, one forward+backward per image.
 
         ``objective(logits, features)`` returns one value per image; images do not interact,
         so the gradient of the sum is each image's own gradient. With ``layers=True`` it is
         called as ``objective(logits, features, layer_means)`` (see ``outputs_and_layers``).
-        Returned on CPU.
+        ``targets`` (one row per image, e.g. labels) are cut into the same batches as the
+        images, whatever batch size the device allows, and handed to the objective as its
+        last argument, on the device. Returned on CPU.
         """
-        def step(batch: torch.Tensor) -> torch.Tensor:
+        if targets is not None and len(targets) != len(images):
+            raise ValueError(f"{len(targets)} targets for {len(images)} images")
+
+        def step(batch: torch.Tensor, rows: slice) -> torch.Tensor:
             chunk = batch.to(self.device).detach().requires_grad_(True)
+            extra = () if targets is None else (targets[rows].to(self.device),)
             with torch.enable_grad():
                 logits, feats, maps = self._forward(chunk, layers)
-                value = objective(logits, feats, maps) if layers else objective(logits, feats)
+                value = objective(logits, feats, maps, *extra) if layers else objective(logits, feats, *extra)
                 (grad,) = torch.autograd.grad(value.sum(), chunk)
             self.count("forward_backward", len(chunk))
             return grad.cpu()
 
         grads = self._in_batches(images, step)
-        return torch.cat(grads) if grads else torch.empty(0)
+        return torch.cat(grads) if grads else torch.zeros(images.shape)
 
-    def _in_batches(self, images: torch.Tensor, step: Callable[[torch.Tensor], Any]) -> list[Any]:
-        """``step`` on consecutive batches of ``batch_size`` images; halves the batch size on out-of-memory.
+    def _in_batches(self, images: torch.Tensor, step: Callable[[torch.Tensor, slice], Any]) -> list[Any]:
+        """``step(batch, rows)`` on consecutive batches of ``batch_size`` images; halves the batch size on out-of-memory.
 
         The smaller size is kept for the rest of the run (``batch_size`` is read back into
         run.json), so a batch size too large for the device costs one failed batch, not a crash.
@@ -274,10 +281,11 @@ class ClassifierHandle:
         """
         results, start = [], 0
         while start < len(images):
-            batch = images[start:start + self.batch_size]
+            rows = slice(start, start + self.batch_size)
+            batch = images[rows]
             started = time.perf_counter()
             try:
-                results.append(step(batch))  # ends in a copy to the CPU, so the time includes the device's work
+                results.append(step(batch, rows))  # ends in a copy to the CPU, so the time includes the device's work
             except torch.OutOfMemoryError:
                 if self.batch_size == 1:
                     raise PluginError(f"out of memory on {self.device} even with one image per batch") from None

@@ -36,6 +36,22 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_outputs():
     assert handle.passes["other"]["forward_backward"] == 100
 
 
+def test_targets_follow_the_batches_when_out_of_memory_halves_them():
+    """A label-dependent objective (the attacks' cross-entropy) must see its own images' labels."""
+    images, labels = torch.rand(50, 3, 2, 2), torch.arange(50) % 3
+    objective = lambda logits, feats, y: torch.nn.functional.cross_entropy(logits, y, reduction="none")  # noqa: E731
+    reference = ClassifierHandle(Picky(limit=1000), torch.device("cpu"), batch_size=64)
+    handle = ClassifierHandle(Picky(limit=8), torch.device("cpu"), batch_size=64)
+    expected = reference.input_gradient(images, objective, targets=labels)
+    assert torch.allclose(handle.input_gradient(images, objective, targets=labels), expected)
+    assert handle.batch_size == 8
+    one_by_one = torch.cat([reference.input_gradient(images[i:i + 1], objective, targets=labels[i:i + 1])
+                            for i in range(len(images))])
+    assert torch.allclose(expected, one_by_one, atol=1e-7)
+    with pytest.raises(ValueError, match="49 targets for 50 images"):
+        handle.input_gradient(images, objective, targets=labels[:49])
+
+
 def test_out_of_memory_at_one_image_is_a_clear_error():
     handle = ClassifierHandle(Picky(limit=0), torch.device("cpu"), batch_size=4)
     with pytest.raises(PluginError, match="out of memory on cpu even with one image per batch"):

@@ -7,13 +7,10 @@ import torch.nn.functional as F
 from oodbench.api import Attack, ClassifierHandle
 
 
-def _batched_gradient(model: ClassifierHandle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy input gradient, computed batch by batch so labels line up with images."""
-    grads = []
-    for start in range(0, len(x), model.batch_size):
-        xb, yb = x[start:start + model.batch_size], y[start:start + model.batch_size].to(model.device)
-        grads.append(model.input_gradient(xb, lambda logits, _, yb=yb: F.cross_entropy(logits, yb, reduction="none")))
-    return torch.cat(grads)
+def _gradient(model: ClassifierHandle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy input gradient at the true labels."""
+    return model.input_gradient(x, lambda logits, _, labels: F.cross_entropy(logits, labels, reduction="none"),
+                                targets=y)
 
 
 class FGSM(Attack):
@@ -25,7 +22,7 @@ class FGSM(Attack):
     name = "fgsm"
 
     def perturb(self, model, images, labels, eps, generator):
-        return (images + eps * _batched_gradient(model, images, labels).sign()).clamp_(0.0, 1.0)
+        return (images + eps * _gradient(model, images, labels).sign()).clamp_(0.0, 1.0)
 
 
 class BIM(Attack):
@@ -50,7 +47,7 @@ class BIM(Attack):
             noise = torch.rand(images.shape, generator=generator) * 2 - 1
             adv = (images + eps * noise).clamp_(0.0, 1.0)
         for _ in range(self.steps):
-            adv = adv + alpha * _batched_gradient(model, adv, labels).sign()
+            adv = adv + alpha * _gradient(model, adv, labels).sign()
             adv = torch.min(torch.max(adv, images - eps), images + eps).clamp_(0.0, 1.0)
         return adv
 

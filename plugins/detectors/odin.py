@@ -47,15 +47,9 @@ def odin_scores(model: ClassifierHandle, images: torch.Tensor, temperature: floa
 def fgsm(model: ClassifierHandle, images: torch.Tensor, labels: np.ndarray, epsilon: float) -> torch.Tensor:
     """FGSM (Goodfellow et al. 2015) in pixel space: clip(x + eps * sign(grad_x CE(f(x), y)), 0, 1)."""
     targets = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    grads = []
-    # input_gradient's objective sees one chunk at a time, so hand it at most one chunk with its labels.
-    for start in range(0, len(images), model.batch_size):
-        y = targets[start:start + model.batch_size].to(model.device)
-        grads.append(model.input_gradient(
-            images[start:start + model.batch_size],
-            lambda logits, features, y=y: torch.nn.functional.cross_entropy(logits, y, reduction="none"),
-        ))
-    grad = torch.cat(grads) if grads else torch.zeros_like(images)
+    grad = model.input_gradient(
+        images, lambda logits, features, y: torch.nn.functional.cross_entropy(logits, y, reduction="none"),
+        targets=targets)
     return (images + epsilon * grad.sign()).clamp_(0.0, 1.0)
 
 
