@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_datasets_torchvision import cifar_md5_of_fakes, write_cifar10, write_mnist  # noqa: F401 (fixture)
+from torchvision_fakes import write_cifar10, write_mnist
 
 from oodbench.api import DatasetContext, MissingDataError
 from oodbench.benchmark import load_benchmark
@@ -27,7 +27,7 @@ def write_pngs(folder: Path, n: int, size: int, seed: int) -> None:
         Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(folder / f"{i:03d}.png")
 
 
-def test_mnist_benchmark_reads_every_source_and_scores(registry, tmp_path, cifar_md5_of_fakes):  # noqa: F811
+def test_mnist_benchmark_reads_every_source_and_scores(registry, tmp_path, cifar_md5_of_fakes):
     write_mnist(tmp_path, n_train=300, n_test=120)
     write_cifar10(tmp_path, per_batch=2, n_test=40)
     cifar_md5_of_fakes(tmp_path)
