@@ -22,7 +22,6 @@ example) and say so. The quick mode in the test suite runs a small digits benchm
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -39,33 +38,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import passes_report  # noqa: E402  (a script folder, not a package)
 
 from oodbench.api import DatasetContext  # noqa: E402
-from oodbench.benchmark import Benchmark, load_benchmark  # noqa: E402
+from oodbench.benchmark import Benchmark  # noqa: E402
 from oodbench.cli import parse_detectors  # noqa: E402
 from oodbench.plugins import Registry, build_registry, instantiate  # noqa: E402
 from oodbench.runner import RunOptions, choose_device, run_benchmark, train_classifiers  # noqa: E402
 
 
 def plain_passes(network: torch.nn.Module, image_shape: tuple[int, ...], forward: int, forward_backward: int,
-                 batch_size: int, device: torch.device, bf16: bool = False, channels_last: bool = False,
+                 batch_sizes: dict[str, int], device: torch.device, bf16: bool = False, channels_last: bool = False,
                  seed: int = 0) -> float:
-    """Seconds for ``forward`` images of inference and ``forward_backward`` images of input gradients."""
+    """Seconds for ``forward`` images of inference and ``forward_backward`` images of input gradients.
+
+    ``batch_sizes``: images per pass by kind (``forward``, ``forward_backward``), as the run used them.
+    """
     network = network.to(device).eval()
     memory = torch.channels_last if channels_last else torch.contiguous_format
     network = network.to(memory_format=memory)
-    images = torch.rand(batch_size, *image_shape, generator=torch.Generator().manual_seed(seed))
+    images = torch.rand(max(batch_sizes.values()), *image_shape, generator=torch.Generator().manual_seed(seed))
     images = images.to(device).contiguous(memory_format=memory)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
-    def sizes(total: int):
-        return [min(batch_size, total - start) for start in range(0, total, batch_size)]
+    def sizes(total: int, kind: str):
+        step = batch_sizes[kind]
+        return [min(step, total - start) for start in range(0, total, step)]
 
     synchronise = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     synchronise()
     started = time.perf_counter()
     with torch.inference_mode(), autocast:
-        for n in sizes(forward):
+        for n in sizes(forward, "forward"):
             network(images[:n])
-    for n in sizes(forward_backward):
+    for n in sizes(forward_backward, "forward_backward"):
         x = images[:n].detach().requires_grad_(True)
         with autocast:
             value = network(x).float().log_softmax(1).max(1).values.sum()
@@ -100,13 +103,13 @@ def measure(bench: Benchmark, registry: Registry, detectors: str, data_dir: Path
     measured = {kind: sum(c[kind] for c in seed_meta["passes"].values()) for kind in ("forward", "forward_backward")}
     image_shape, num_classes = _in_distribution_format(bench, registry, data_dir)
     network = _network(bench, registry, data_dir, image_shape, num_classes)
-    batch_size = seed_meta["batch_size"]["used"]
-    baseline_seconds = plain_passes(network, image_shape, least["forward"], least["forward_backward"], batch_size,
+    batch_sizes = seed_meta["batch_size"]["used"]
+    baseline_seconds = plain_passes(network, image_shape, least["forward"], least["forward_backward"], batch_sizes,
                                     device, bf16=bf16 and device.type == "cuda",
                                     channels_last=channels_last and device.type == "cuda")
     return {"benchmark": bench.name, "detectors": detectors, "device": str(device),
             "numerics": seed_meta["numerics"]["used"], "torch_threads": torch.get_num_threads(),
-            "batch_size": batch_size, "passes_minimum": least, "passes_measured": measured,
+            "batch_sizes": batch_sizes, "passes_minimum": least, "passes_measured": measured,
             "oodbench_seconds": oodbench_seconds, "plain_baseline_seconds": baseline_seconds,
             "ratio": oodbench_seconds / baseline_seconds if baseline_seconds else math.inf,
             "rows": len(result.rows), "errors": sum(r["status"] != "ok" for r in result.rows)}
@@ -119,20 +122,12 @@ def _in_distribution_format(bench: Benchmark, registry: Registry, data_dir: Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--benchmark", default="digits", help="registered benchmark name or TOML file")
-    parser.add_argument("--detectors", default="msp,logits,temperature,odin,mahalanobis,gmm,zheng,vae,maf")
-    parser.add_argument("--data-dir", default=".")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on a GPU, on both sides")
-    parser.add_argument("--channels-last", action="store_true", help="channels-last on a GPU, on both sides")
-    parser.add_argument("--out", help="write the result as JSON here")
+    parser = passes_report.run_arguments(__doc__.splitlines()[0],
+                                         "msp,logits,temperature,odin,mahalanobis,gmm,zheng,vae,maf")
     args = parser.parse_args(argv)
     registry = build_registry(strict=True)
-    name = args.benchmark
-    bench = load_benchmark(Path(name) if name.endswith(".toml") else registry.get("benchmarks", name).target)
-    result = measure(bench, registry, args.detectors, Path(args.data_dir).expanduser(), choose_device(args.device),
-                     args.bf16, args.channels_last)
+    result = measure(passes_report.benchmark_named(registry, args.benchmark), registry, args.detectors,
+                     args.data_dir, choose_device(args.device), args.bf16, args.channels_last)
     print(f"{result['benchmark']} on {result['device']} ({result['numerics']}): oodbench "
           f"{result['oodbench_seconds']:.1f} s, plain passes {result['plain_baseline_seconds']:.1f} s, "
           f"ratio {result['ratio']:.2f}x; passes measured {result['passes_measured']} vs minimum "

@@ -38,7 +38,7 @@ import torch
 from oodbench.api import DatasetContext, ImageSet
 from oodbench.benchmark import Benchmark, load_benchmark
 from oodbench.cli import parse_detectors
-from oodbench.passes import extraction_minimum, passes_report
+from oodbench.passes import core_minimum, passes_report
 from oodbench.plugins import Registry, build_registry, instantiate, resolve_options
 from oodbench.runner import RunOptions, RunResult, choose_device, run_benchmark
 
@@ -191,7 +191,7 @@ def run_minimum(result: RunResult, bench: Benchmark, registry: Registry, data_di
     """(minimum passes per activity, image set sizes) of one seed of ``result``."""
     seed = seed_meta["seed"]
     sizes = image_set_sizes(bench, registry, seed, data_dir)
-    minimum = {**extraction_minimum(sizes), **attack_minimum(bench, registry, sizes)}
+    minimum = {**core_minimum(sizes), **attack_minimum(bench, registry, sizes)}
     for spec in result.meta["detectors"]:
         options = resolve_options(registry.get("detectors", spec["name"]), spec["options"])
         rows = [r for r in result.rows if r["seed"] == seed and r["detector"] == spec["label"]]
@@ -272,24 +272,34 @@ def _print(reports: list[dict[str, Any]]) -> None:
                   f"({entry['images']} images, {entry['wall_seconds']:.1f} s)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_arguments(description: str, detectors: str) -> argparse.ArgumentParser:
+    """The options every benchmark script that runs oodbench takes (this one and end_to_end.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--benchmark", default="digits", help="registered benchmark name or TOML file")
-    parser.add_argument("--detectors", default="msp,gmm,mahalanobis,odin")
-    parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--data-dir", default=".")
-    parser.add_argument("--fresh-cache", action="store_true",
-                        help="run with an empty temporary cache, as a first `oodbench run` does (default: cache "
-                             "disabled, as `oodbench run --no-cache`)")
+    parser.add_argument("--detectors", default=detectors)
+    parser.add_argument("--data-dir", type=lambda text: Path(text).expanduser(), default=Path("."))
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on a GPU (as oodbench run --bf16)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last on a GPU")
-    parser.add_argument("--out", help="write the report as JSON here")
+    parser.add_argument("--out", help="write the result as JSON here")
+    return parser
+
+
+def benchmark_named(registry: Registry, name: str) -> Benchmark:
+    """A registered benchmark, or the TOML file ``name`` when it ends in .toml."""
+    return load_benchmark(Path(name) if name.endswith(".toml") else registry.get("benchmarks", name).target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = run_arguments(__doc__.splitlines()[0], "msp,gmm,mahalanobis,odin")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--fresh-cache", action="store_true",
+                        help="run with an empty temporary cache, as a first `oodbench run` does (default: cache "
+                             "disabled, as `oodbench run --no-cache`)")
     args = parser.parse_args(argv)
     registry = build_registry(strict=True)
-    name = args.benchmark
-    bench = load_benchmark(Path(name) if name.endswith(".toml") else registry.get("benchmarks", name).target)
-    data_dir = Path(args.data_dir).expanduser()
+    bench = benchmark_named(registry, args.benchmark)
+    data_dir = args.data_dir
     with tempfile.TemporaryDirectory(prefix="oodbench-passes-") as fresh:
         opts = RunOptions(benchmark=bench, detectors=parse_detectors(args.detectors), seeds=list(range(args.seeds)),
                           cache_dir=Path(fresh) if args.fresh_cache else None, data_dir=data_dir,

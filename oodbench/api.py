@@ -30,8 +30,13 @@ from typing import Any, Callable, ClassVar, Iterator
 import numpy as np
 import torch
 
+from oodbench import memory
+
 #: What a detector may declare in ``Detector.needs``.
 NEEDS = frozenset({"logits", "features", "layers", "labels", "images", "gradients"})
+
+#: The activity ``ClassifierHandle.fit_batch_sizes`` charges its probe passes to.
+FIT_BATCH_SIZE = "fit-batch-size"
 
 #: The label of a training image whose label a semi-supervised benchmark withholds
 #: (``[in_distribution] labels_per_class``); only models with ``semi_supervised`` see such images.
@@ -142,15 +147,27 @@ class ClassifierHandle:
     ``bf16`` runs passes under bfloat16 autocast and ``channels_last`` feeds the network
     channels-last tensors: GPU speed options (the runner enables them only on CUDA devices);
     outputs and gradients come back in float32 either way.
+
+    ``batch_size`` is the most images per pass; ``fit_batch_sizes`` lowers it, per kind of
+    pass, to what the device's free memory holds (see ``oodbench.memory``); with
+    ``fit_batch_size=True`` that happens before the first pass (so a run whose outputs are
+    all cached never touches the network). A pass that still runs out of memory halves its
+    kind's size and retries.
     """
 
     def __init__(self, network: torch.nn.Module, device: torch.device, batch_size: int = 512,
-                 bf16: bool = False, channels_last: bool = False):
+                 bf16: bool = False, channels_last: bool = False, fit_batch_size: bool = False):
         self.network = network.to(device).eval()
         if channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
         self.device = device
+        #: the most images per pass, as asked
         self.batch_size = batch_size
+        #: images per pass in use, by kind of pass ("forward", "forward_backward")
+        self.batch_sizes = {"forward": batch_size, "forward_backward": batch_size}
+        #: what ``fit_batch_sizes`` measured (empty until it runs)
+        self.memory: dict[str, Any] = {}
+        self._fit_before_first_pass = fit_batch_size
         self.bf16, self.channels_last = bf16, channels_last
         #: images pushed through the network, by kind of pass and by what the runner is doing
         self.passes: dict[str, dict[str, int]] = {}
@@ -231,7 +248,7 @@ class ClassifierHandle:
             self.count("forward", len(batch))
             return out.float().cpu(), feat.float().cpu(), [m.float().cpu() for m in maps]
 
-        chunks = self._in_batches(images, step)
+        chunks = self._in_batches(images, step, "forward")
         if not chunks:
             return torch.empty(0), torch.empty(0), []
         return (torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]),
@@ -269,33 +286,71 @@ class ClassifierHandle:
             self.count("forward_backward", len(chunk))
             return grad.cpu()
 
-        grads = self._in_batches(images, step)
+        grads = self._in_batches(images, step, "forward_backward")
         return torch.cat(grads) if grads else torch.zeros(images.shape)
 
-    def _in_batches(self, images: torch.Tensor, step: Callable[[torch.Tensor, slice], Any]) -> list[Any]:
-        """``step(batch, rows)`` on consecutive batches of ``batch_size`` images; halves the batch size on out-of-memory.
+    def fit_batch_sizes(self, image_shape: tuple[int, ...], available: int | None = None) -> dict[str, int]:
+        """Lower each kind of pass's batch size to what fits in memory; returns the sizes.
 
-        The smaller size is kept for the rest of the run (``batch_size`` is read back into
+        Probes the network on a few blank images (counted as passes of the activity
+        ``fit-batch-size``) to measure bytes per image, with this handle's numerics; see
+        ``oodbench.memory``. ``available`` (bytes) defaults to what the device has free now.
+        """
+        available = memory.available_bytes(self.device) if available is None else available
+
+        def forward(n: int) -> None:
+            with torch.inference_mode():
+                self._forward(torch.zeros(n, *image_shape, device=self.device), False)
+
+        def forward_backward(n: int) -> None:
+            x = torch.zeros(n, *image_shape, device=self.device, requires_grad=True)
+            with torch.enable_grad():
+                torch.autograd.grad(self._forward(x, False)[0].logsumexp(1).sum(), x)
+
+        self._fit_before_first_pass = False
+        per_image = {}
+        # the gradient probe needs autograd even when the first pass is an inference-mode one
+        with self.activity(FIT_BATCH_SIZE), torch.inference_mode(False):
+            started = time.perf_counter()
+            for kind, run in (("forward", forward), ("forward_backward", forward_backward)):
+                per_image[kind] = memory.bytes_per_image(run)
+                self.count(kind, sum(memory.PROBE_SIZES))
+            self._charge_network(time.perf_counter() - started)
+        self.batch_sizes = {kind: memory.fit_batch_size(self.batch_size, per_image[kind], available)
+                            for kind in self.batch_sizes}
+        self.memory = {"available_bytes": available, "bytes_per_image": per_image,
+                       "budget_fraction": memory.BUDGET_FRACTION, "allocator_overhead": memory.ALLOCATOR_OVERHEAD,
+                       "fitted": dict(self.batch_sizes)}
+        return dict(self.batch_sizes)
+
+    def _charge_network(self, seconds: float) -> None:
+        self.seconds.setdefault(self._activity, {"network": 0.0, "wall": 0.0})["network"] += seconds
+
+    def _in_batches(self, images: torch.Tensor, step: Callable[[torch.Tensor, slice], Any], kind: str) -> list[Any]:
+        """``step(batch, rows)`` on consecutive batches of the ``kind`` of pass's size; halves it on out-of-memory.
+
+        The smaller size is kept for the rest of the run (``batch_sizes`` is read back into
         run.json), so a batch size too large for the device costs one failed batch, not a crash.
         Passes are counted by ``step`` only once it succeeds.
         """
+        if self._fit_before_first_pass and len(images):
+            self.fit_batch_sizes(tuple(images.shape[1:]))
         results, start = [], 0
         while start < len(images):
-            rows = slice(start, start + self.batch_size)
+            rows = slice(start, start + self.batch_sizes[kind])
             batch = images[rows]
             started = time.perf_counter()
             try:
                 results.append(step(batch, rows))  # ends in a copy to the CPU, so the time includes the device's work
             except torch.OutOfMemoryError:
-                if self.batch_size == 1:
+                if self.batch_sizes[kind] == 1:
                     raise PluginError(f"out of memory on {self.device} even with one image per batch") from None
-                self.batch_size = max(1, self.batch_size // 2)
+                self.batch_sizes[kind] //= 2
                 self.memory_backoffs += 1
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            self.seconds.setdefault(self._activity, {"network": 0.0, "wall": 0.0})["network"] += \
-                time.perf_counter() - started
+            self._charge_network(time.perf_counter() - started)
             start += len(batch)
         return results
 

@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", default=os.environ.get("OODBENCH_DATA_DIR", "."),
                      help="folder relative data paths are read from (default . or OODBENCH_DATA_DIR)")
     run.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    run.add_argument("--batch-size", type=int, help="classifier batch size (default: the benchmark's)")
+    run.add_argument("--batch-size", type=int, help="most images per classifier pass (default: the benchmark's); lowered "
+                     "automatically to what free memory holds")
     run.add_argument("--bf16", action="store_true", help="GPU only: classifier passes (features, attacks, input "
                      "gradients) under bfloat16 autocast, outputs kept float32; ignored on CPU")
     run.add_argument("--channels-last", action="store_true", help="GPU only: channels-last memory format for "

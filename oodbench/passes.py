@@ -9,11 +9,13 @@ The runner counts every image it pushes through the classifier, by activity
 What a run needs at minimum is stated by the caller, per activity, because only the caller
 knows what an attack or a detector needs by definition; the core names neither. The one
 minimum the core does state is its own: the shared extraction needs one forward pass per
-image of every set it extracts (``extraction_minimum``).
+image of every set it extracts (``core_minimum``).
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
+
+from oodbench.api import FIT_BATCH_SIZE
 
 KINDS = ("forward", "forward_backward")
 
@@ -21,7 +23,7 @@ Counts = Mapping[str, int]
 
 
 def group_of(activity: str) -> str:
-    """``extraction``, ``attacks``, ``detector:<label>`` or ``other``: who spent the passes."""
+    """``extraction``, ``attacks``, ``detector:<label>``, or the activity itself (``fit-batch-size``, ``other``)."""
     kind, _, rest = activity.partition(":")
     if kind == "extract":
         return "extraction"
@@ -30,12 +32,18 @@ def group_of(activity: str) -> str:
     if kind == "detector":
         # labels may hold ':' in their options, the phase never does
         return "detector:" + rest.rpartition(":")[0]
-    return "other"
+    return kind
 
 
-def extraction_minimum(set_sizes: Mapping[str, int]) -> dict[str, dict[str, int]]:
-    """One forward pass per image of every extracted set (keys as the runner names them: ``test``, ``ood:x``...)."""
-    return {f"extract:{name}": {"forward": int(n), "forward_backward": 0} for name, n in set_sizes.items()}
+def core_minimum(set_sizes: Mapping[str, int]) -> dict[str, dict[str, int]]:
+    """What the core's own activities need: one forward pass per image of every extracted set.
+
+    ``set_sizes`` is keyed as the runner names sets (``test``, ``ood:x``...). The probe that
+    fits batch sizes to memory (``FIT_BATCH_SIZE``) is needed by no result: its minimum is 0,
+    so its few images show as excess.
+    """
+    least = {f"extract:{name}": {"forward": int(n), "forward_backward": 0} for name, n in set_sizes.items()}
+    return {**least, FIT_BATCH_SIZE: {"forward": 0, "forward_backward": 0}}
 
 
 def passes_report(passes: Mapping[str, Counts], minimum: Mapping[str, Counts]) -> dict[str, Any]:

@@ -194,7 +194,7 @@ class _SeedRun:
         network.load_state_dict(state)
         on_gpu = self.opts.device.type == "cuda"
         handle = ClassifierHandle(network, self.opts.device, self.batch_size, bf16=self.opts.bf16 and on_gpu,
-                                  channels_last=self.opts.channels_last and on_gpu)
+                                  channels_last=self.opts.channels_last and on_gpu, fit_batch_size=True)
         return handle, key, entry, options
 
     def outputs(self, handle: ClassifierHandle, model_key: str, images: ImageSet, activity: str,
@@ -443,7 +443,7 @@ class _SeedRun:
                 "model_provider": f"{model_entry.provider} {model_entry.provider_version}",
                 "test_accuracy": accuracy, "train_images": len(train_set), "train_labels": len(labelled),
                 "passes": handle.passes, "detectors": self.detector_metadata,
-                "batch_size": {"asked": self.batch_size, "used": handle.batch_size,
+                "batch_size": {"asked": self.batch_size, "used": handle.batch_sizes, **handle.memory,
                                "halved_after_out_of_memory": handle.memory_backoffs},
                 "numerics": {"asked": {"bf16": self.opts.bf16, "channels_last": self.opts.channels_last},
                              "used": handle.numerics or "fp32"},

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from oodbench import memory
 from oodbench.benchmark import load_benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -33,7 +34,8 @@ class Counting(torch.nn.Module):
 
 def test_plain_baseline_does_exactly_the_passes_asked():
     network = Counting()
-    seconds = end_to_end.plain_passes(network, (3, 2, 2), forward=1000, forward_backward=130, batch_size=64,
+    seconds = end_to_end.plain_passes(network, (3, 2, 2), forward=1000, forward_backward=130,
+                                      batch_sizes={"forward": 64, "forward_backward": 16},
                                       device=torch.device("cpu"))
     assert (network.forward_images, network.backward_images) == (1000, 130)
     assert seconds > 0
@@ -45,7 +47,8 @@ def test_quick_end_to_end_run_against_the_baseline(registry, tmp_path):
     result = end_to_end.measure(bench, registry, "msp,gmm,odin", Path("."), torch.device("cpu"))
     assert result["errors"] == 0 and result["rows"] == 3 * 6  # mistakes, gaussian, FGSM and BIM (flipped, all)
     least, measured = result["passes_minimum"], result["passes_measured"]
-    assert least["forward_backward"] == measured["forward_backward"] > 0
+    probe = sum(memory.PROBE_SIZES)  # the batch-size fit's blank images, which no result needs
+    assert least["forward_backward"] + probe == measured["forward_backward"] > probe
     assert least["forward"] <= measured["forward"] <= 1.2 * least["forward"]
     assert result["plain_baseline_seconds"] > 0 and math.isfinite(result["ratio"])
     (tmp_path / "e2e.json").write_text(json.dumps(result))

@@ -22,19 +22,20 @@ FULL = os.environ.get("OODBENCH_BENCH_FULL") == "1"
 CASES = [(200_000, 64, 1000)] + ([(1_281_167, 2048, 1000)] if FULL else [])
 
 SCRIPT = """
-import json, resource, sys, time
+import json, sys, time
 import torch
+from oodbench.memory import peak_resident_bytes
 from oodbench_plugins.detectors.gmm_em import DEFAULT_CHUNK_SIZE, fit_diagonal_gmm
 
 n, d, k = map(int, sys.argv[1:4])
 torch.manual_seed(0)
 x = torch.rand(n, d)  # post-ReLU-like scale; the values do not matter for memory
 init = (torch.full((k,), 1.0 / k), x[:k].clone(), torch.full((k, d), 0.1))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = peak_resident_bytes()
 started = time.perf_counter()
 gmm = fit_diagonal_gmm(x, k, init=init, max_iter=1, tol=0.0)
 seconds = time.perf_counter() - started
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+after = peak_resident_bytes()
 print(json.dumps({"x_bytes": x.numel() * 4, "peak_before_em": before, "peak_after_em": after,
                   "em_added_bytes": after - before, "n_by_k_bytes": n * k * 4,
                   "chunk_size": DEFAULT_CHUNK_SIZE, "seconds_one_iteration": seconds,

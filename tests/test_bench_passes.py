@@ -99,9 +99,9 @@ def test_throughput_by_phase_adds_up_to_the_passes(core_four):
     _, result, report = core_four
     passes = result.meta["per_seed"][0]["passes"]
     phases = report["throughput"]
-    assert set(phases) == {"extract", "attack", "detector"}
+    assert set(phases) == {"extract", "attack", "detector", "fit-batch-size"}
     for phase, entry in phases.items():
-        images = sum(c["forward"] + c["forward_backward"] for a, c in passes.items() if a.startswith(phase + ":"))
+        images = sum(c["forward"] + c["forward_backward"] for a, c in passes.items() if a.split(":")[0] == phase)
         assert entry["images"] == images > 0
         assert 0 < entry["network_share"] <= 1
         assert entry["images_per_second"] == pytest.approx(images / entry["wall_seconds"])

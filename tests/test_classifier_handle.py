@@ -28,7 +28,7 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_outputs():
     reference = ClassifierHandle(Picky(limit=1000), torch.device("cpu"), batch_size=64)
     handle = ClassifierHandle(Picky(limit=20), torch.device("cpu"), batch_size=64)
     assert torch.equal(handle.logits(images), reference.logits(images))
-    assert handle.batch_size == 16 and handle.memory_backoffs == 2  # 64 -> 32 -> 16
+    assert handle.batch_sizes["forward"] == 16 and handle.memory_backoffs == 2  # 64 -> 32 -> 16
     assert handle.network.sizes == [16] * 6 + [4]
     assert handle.passes["other"] == {"forward": 100, "forward_backward": 0}, "failed batches are not passes"
     objective = lambda logits, feats: logits.log_softmax(1)[:, 0]  # noqa: E731
@@ -44,7 +44,7 @@ def test_targets_follow_the_batches_when_out_of_memory_halves_them():
     handle = ClassifierHandle(Picky(limit=8), torch.device("cpu"), batch_size=64)
     expected = reference.input_gradient(images, objective, targets=labels)
     assert torch.allclose(handle.input_gradient(images, objective, targets=labels), expected)
-    assert handle.batch_size == 8
+    assert handle.batch_sizes["forward_backward"] == 8
     one_by_one = torch.cat([reference.input_gradient(images[i:i + 1], objective, targets=labels[i:i + 1])
                             for i in range(len(images))])
     assert torch.allclose(expected, one_by_one, atol=1e-7)
