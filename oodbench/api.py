@@ -312,10 +312,17 @@ class ClassifierHandle:
         # the gradient probe needs autograd even when the first pass is an inference-mode one
         with self.activity(FIT_BATCH_SIZE), torch.inference_mode(False):
             started = time.perf_counter()
-            for kind, run in (("forward", forward), ("forward_backward", forward_backward)):
-                per_image[kind] = memory.bytes_per_image(run)
-                self.count(kind, sum(memory.PROBE_SIZES))
-            self._charge_network(time.perf_counter() - started)
+            try:
+                for kind, run in (("forward", forward), ("forward_backward", forward_backward)):
+                    per_image[kind] = memory.bytes_per_image(run)
+                    self.count(kind, sum(memory.PROBE_SIZES))
+            except Exception as error:
+                # The probe is an optimisation: a network it cannot trace (a custom op, a shape it
+                # rejects) keeps the asked sizes, and a real fault shows again in the first real pass.
+                self.memory = {"probe_failed": f"{type(error).__name__}: {error}"}
+                return dict(self.batch_sizes)
+            finally:
+                self._charge_network(time.perf_counter() - started)
         self.batch_sizes = {kind: memory.fit_batch_size(self.batch_size, per_image[kind], available)
                             for kind in self.batch_sizes}
         self.memory = {"available_bytes": available, "bytes_per_image": per_image,

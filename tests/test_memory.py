@@ -141,3 +141,17 @@ def test_peak_resident_memory_of_a_child_is_its_own_not_its_parents():
               "before = peak(); x = torch.ones(75 * 2**20); print(peak() - before)")
     grown = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
     assert 300 * 2**20 <= grown < 340 * 2**20
+
+
+def test_a_probe_that_fails_keeps_the_asked_sizes_and_says_why(monkeypatch):
+    def untraceable(run, sizes=memory.PROBE_SIZES):
+        raise RuntimeError("custom op without a Python dispatch rule")
+
+    monkeypatch.setattr(memory, "bytes_per_image", untraceable)
+    handle = ClassifierHandle(Recording(), torch.device("cpu"), batch_size=32, fit_batch_size=True)
+    images = torch.rand(40, 3, 16, 16)
+    assert handle.logits(images).shape == (40, 5)
+    assert handle.batch_sizes == {"forward": 32, "forward_backward": 32}
+    assert handle.memory == {"probe_failed": "RuntimeError: custom op without a Python dispatch rule"}
+    assert handle.network.sizes == [32, 8]
+
