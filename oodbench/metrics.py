@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 from scipy.stats import mannwhitneyu
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 METRICS = ("auroc", "aupr_in", "aupr_out", "fpr_at_95tpr", "detection_error", "mannwhitney_p")
 
@@ -35,9 +35,24 @@ def aupr_out(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(average_precision_score(1 - y, -s))
 
 
+def roc_points(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every distinct score used as threshold, from (0, 0) up: scikit-learn's
+    ``roc_curve(drop_intermediate=False)`` to the last bit, without its input validation, which
+    cost more than the curve itself in tuning loops (ODIN computes 210 per failure source).
+    """
+    scores = np.concatenate([pos, neg]).astype(np.float64)
+    positive = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
+    order = np.argsort(scores, kind="mergesort")[::-1]
+    scores, positive = scores[order], positive[order]
+    ends = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # last index of each distinct score
+    true_positives = np.cumsum(positive)[ends]
+    false_positives = 1 + ends - true_positives
+    return (np.r_[0, false_positives] / false_positives[-1], np.r_[0, true_positives] / true_positives[-1])
+
+
 def fpr_at_tpr(pos: np.ndarray, neg: np.ndarray, tpr: float = 0.95) -> float:
     """FPR at the highest threshold whose TPR reaches ``tpr`` (no interpolation)."""
-    fprs, tprs, _ = roc_curve(*_labels_scores(pos, neg), drop_intermediate=False)
+    fprs, tprs = roc_points(pos, neg)
     return float(fprs[np.searchsorted(tprs, tpr - 1e-12, side="left")])
 
 
@@ -47,7 +62,7 @@ def detection_error(pos: np.ndarray, neg: np.ndarray, tpr: float = 0.95) -> floa
     That is the paper's text ("the misclassification probability when TPR is 95%"); the
     authors' script instead minimises over all thresholds, which can only be lower.
     """
-    fprs, tprs, _ = roc_curve(*_labels_scores(pos, neg), drop_intermediate=False)
+    fprs, tprs = roc_points(pos, neg)
     i = np.searchsorted(tprs, tpr - 1e-12, side="left")
     return float(0.5 * (1 - tprs[i]) + 0.5 * fprs[i])
 

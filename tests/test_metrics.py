@@ -3,8 +3,12 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import roc_curve
 
 from oodbench import metrics
+from oodbench.metrics import fpr_at_tpr, roc_points
 
 # Positives (trustworthy) should score high. Of the 3 x 2 = 6 (positive, negative) pairs,
 # 3>2, 3>1 and 2>1 are ordered right, 2=2 is a tie (counts 1/2), 0.5 loses to both: 3.5 / 6.
@@ -57,3 +61,16 @@ def test_mann_whitney_matches_exact_permutation_p():
 def test_empty_side_gives_nan_and_counts():
     out = metrics.compute_all(np.array([1.0]), np.array([]))
     assert math.isnan(out["auroc"]) and out["n_pos"] == 1 and out["n_neg"] == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=40), st.lists(st.integers(-3, 3), min_size=1, max_size=40),
+       st.floats(0.01, 1.0))
+def test_roc_points_equal_scikit_learns_roc_curve(pos, neg, tpr):
+    """Our ROC (used in tuning loops for speed) against scikit-learn's, ties included (small integer scores)."""
+    pos, neg = np.array(pos, float) / 2, np.array(neg, float) / 2
+    y, s = np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]
+    fprs, tprs, _ = roc_curve(y, s, drop_intermediate=False)
+    ours = roc_points(pos, neg)
+    assert np.array_equal(ours[0], fprs) and np.array_equal(ours[1], tprs)
+    assert fpr_at_tpr(pos, neg, tpr) == float(fprs[np.searchsorted(tprs, tpr - 1e-12, side="left")])
