@@ -21,8 +21,10 @@ Conventions shared by every plugin:
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
@@ -148,6 +150,11 @@ class ClassifierHandle:
     channels-last tensors: GPU speed options (the runner enables them only on CUDA devices);
     outputs and gradients come back in float32 either way.
 
+    ``float64()`` is a context in which passes run in float64 (a float64 copy of the network;
+    outputs and gradients still come back in float32): float32 kernels round differently on
+    other CPUs (AVX2 vs AVX-512) and thread counts, float64 ones by ~1e-16, far below float32's
+    resolution, so the float32 results are the same on every machine. ~5x slower on a CPU.
+
     ``batch_size`` is the most images per pass; ``fit_batch_sizes`` lowers it, per kind of
     pass, to what the device's free memory holds (see ``oodbench.memory``); with
     ``fit_batch_size=True`` that happens before the first pass (so a run whose outputs are
@@ -177,6 +184,8 @@ class ClassifierHandle:
         self._since = time.perf_counter()
         #: times the batch size was halved after running out of memory
         self.memory_backoffs = 0
+        self._dtype = torch.float32
+        self._network64: torch.nn.Module | None = None
 
     @property
     def numerics(self) -> str:
@@ -214,20 +223,36 @@ class ClassifierHandle:
         """Whether the network exposes intermediate layers (``forward_layers``)."""
         return callable(getattr(self.network, "forward_layers", None))
 
+    @contextmanager
+    def float64(self) -> Iterator["ClassifierHandle"]:
+        """Run the passes inside the block in float64 (results still float32); see the class docstring."""
+        if self._network64 is None:
+            self._network64 = copy.deepcopy(self.network).double()
+        previous, self._dtype = self._dtype, torch.float64
+        try:
+            yield self
+        finally:
+            self._dtype = previous
+
     def _forward(self, x: torch.Tensor, layers: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         if layers and not self.has_layers:
             raise PluginError(f"the classifier ({type(self.network).__name__}) exposes no intermediate layers "
                               "(no forward_layers method)")
+        network = self.network
+        if self._dtype == torch.float64:
+            network, x = self._network64, x.double()
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        # Outputs leave in float32 whatever ran inside, so objectives and detectors never see bf16.
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        # Outputs leave in float32 whatever ran inside, so objectives and detectors never see bf16; in float64
+        # mode they stay float64 up to the objective too (callers store them as float32).
+        dtype = torch.float64 if network is not self.network else torch.float32
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and network is self.network):
             if not layers:
-                logits, feats = self.network.forward_features(x)
-                return logits.float(), feats.flatten(1).float(), []
-            logits, feats, maps = self.network.forward_layers(x)
-        return logits.float(), feats.flatten(1).float(), [
-            (m.flatten(2).mean(2) if m.dim() > 2 else m).float() for m in maps]
+                logits, feats = network.forward_features(x)
+                return logits.to(dtype), feats.flatten(1).to(dtype), []
+            logits, feats, maps = network.forward_layers(x)
+        return logits.to(dtype), feats.flatten(1).to(dtype), [
+            (m.flatten(2).mean(2) if m.dim() > 2 else m).to(dtype) for m in maps]
 
     def activity(self, name: str) -> "_Activity":
         """Attribute passes made inside the ``with`` block to ``name`` (e.g. ``extract:test``)."""

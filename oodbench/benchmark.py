@@ -32,6 +32,8 @@ Schema (version 1; every key but ``name``, ``in_distribution`` and ``model`` is 
     holdout_size = 1000             # per class of a source, for detectors tuned on the source
     holdout_fraction = 0.2          # ...but never more than this fraction of it
     test_subset = 0                 # evaluate on the first N test images (0 = all)
+    precision = "float32"           # of the shared classifier passes (extraction, attacks): "float64"
+                                    # makes them the same on every CPU, ~5x slower there
 """
 from __future__ import annotations
 
@@ -85,10 +87,13 @@ class Benchmark:
     test_subset: int
     default: bool = False
     labels_per_class: int = 0
+    precision: str = "float32"
 
 
 _TOP = {"name", "description", "default", "in_distribution", "model", "sources", "run"}
-_RUN = {"seeds": 1, "batch_size": 256, "holdout_size": 1000, "holdout_fraction": 0.2, "test_subset": 0}
+_RUN = {"seeds": 1, "batch_size": 256, "holdout_size": 1000, "holdout_fraction": 0.2, "test_subset": 0,
+        "precision": "float32"}
+PRECISIONS = ("float32", "float64")
 
 
 def load_benchmark(path: Path) -> Benchmark:
@@ -166,6 +171,8 @@ def load_benchmark(path: Path) -> Benchmark:
     fraction = run["holdout_fraction"]
     if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         raise fail("run.holdout_fraction", "must be a number in [0, 1)")
+    if run["precision"] not in PRECISIONS:
+        raise fail("run.precision", f"must be one of {', '.join(PRECISIONS)}, got {run['precision']!r}")
     mistakes = sources.get("mistakes", True)
     if not isinstance(mistakes, bool):
         raise fail("sources.mistakes", "must be true or false")
@@ -191,4 +198,5 @@ def load_benchmark(path: Path) -> Benchmark:
         test_subset=integer(run["test_subset"], "run.test_subset", 0),
         default=default,
         labels_per_class=integer(idd.get("labels_per_class", 0), "in_distribution.labels_per_class", 0),
+        precision=run["precision"],
     )

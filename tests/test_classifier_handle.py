@@ -1,4 +1,6 @@
 """ClassifierHandle: batching that survives out-of-memory, and pass counts that stay exact."""
+import copy
+
 import pytest
 import torch
 
@@ -100,3 +102,25 @@ def test_throughput_counts_every_image_and_charges_nested_activities_to_the_inne
         assert 0 < entry["network_seconds"] <= entry["wall_seconds"]
         assert 0 < entry["network_share"] <= 1
         assert entry["images_per_second"] == pytest.approx(entry["images"] / entry["wall_seconds"])
+
+
+def test_float64_passes_equal_a_float64_network_rounded_to_float32():
+    """Inside ``float64()`` outputs are the float64 network's, rounded once to float32; gradients likewise."""
+    class Small(torch.nn.Sequential):
+        def forward_features(self, x):
+            return self(x), x.flatten(1)
+
+    torch.manual_seed(0)
+    network = Small(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    images = torch.rand(10, 1, 4, 4)
+    handle = ClassifierHandle(network, torch.device("cpu"), batch_size=4)
+    reference64 = copy.deepcopy(network).double()
+    with handle.float64():
+        logits = handle.logits(images)
+        grad = handle.input_gradient(images, lambda out, feats: out.log_softmax(1)[:, 0])
+    assert logits.dtype == torch.float32 and torch.equal(logits, reference64(images.double()).float())
+    x = images.double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(reference64(x).log_softmax(1)[:, 0].sum(), x)
+    assert grad.dtype == torch.float32 and torch.equal(grad, expected.float())
+    assert handle.network[0].weight.dtype == torch.float32, "the float32 network is left as it was"
+    assert torch.equal(handle.logits(images), network(images)), "outside the block, plain float32 again"
