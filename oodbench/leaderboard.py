@@ -31,10 +31,17 @@ RESULT_COLUMNS = [
     *METRICS, "n_pos", "n_neg", "n_holdout",
     "source_kind", "negatives", "tuned_on_source", "tuned_params",
     "detector_plugin", "detector_version", "detector_options",
-    "benchmark_sha256", "device", "oodbench_version",
+    "benchmark_sha256", "model_weights", "device", "oodbench_version",
 ]
+#: The schema ``results_frame`` writes; ``validate_frame`` also reads the versions before it.
+SCHEMA_VERSION = 2
+#: Columns each schema version added, which files of an earlier version do not have.
+ADDED_IN = {"model_weights": 2}
 SUMMARY_KEYS = ["benchmark", "model", "detector", "source"]
 SCORES_FILE = "scores.npz"
+#: How CSV files write floats: 6 significant digits, so files diff well and read back the same everywhere.
+FLOAT_FORMAT = "%.6g"
+BENCHMARK_FILE = "benchmark.toml"
 ScoreKey = tuple[str, str, int]  # (detector, source, seed)
 
 
@@ -68,16 +75,18 @@ def summary_frame(results: pd.DataFrame) -> pd.DataFrame:
 
 def _csv_text(frame: pd.DataFrame) -> str:
     buffer = io.StringIO()
-    frame.to_csv(buffer, index=False, float_format="%.6g", lineterminator="\n")
+    frame.to_csv(buffer, index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
     return buffer.getvalue()
 
 
 def write_run(out_dir: Path, rows: list[dict], timings: list[dict], meta: dict,
-              scores: dict[ScoreKey, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, Path]:
+              scores: dict[ScoreKey, tuple[np.ndarray, np.ndarray]] | None = None,
+              benchmark_file: Path | None = None) -> dict[str, Path]:
     """Write results.csv, summary.csv, timings.csv, run.json and scores.npz atomically; return their paths.
 
     Without ``scores`` no scores.npz is written and one left in ``out_dir`` by an earlier run is
-    removed, since it would describe other rows than the new results.csv.
+    removed, since it would describe other rows than the new results.csv. ``benchmark_file`` is
+    copied as ``benchmark.toml``, so the folder alone says what to re-run (``leaderboard verify``).
     """
     out_dir = Path(out_dir)
     results = results_frame(rows)
@@ -93,6 +102,10 @@ def write_run(out_dir: Path, rows: list[dict], timings: list[dict], meta: dict,
     atomic_write(files["timings"], lambda f: f.write(_csv_text(timing_frame)), mode="w")
     tracebacks = [{k: r[k] for k in ("detector", "source", "seed", "traceback")} for r in rows if r.get("traceback")]
     atomic_write(files["run"], lambda f: json.dump({**meta, "tracebacks": tracebacks}, f, indent=2, sort_keys=True), mode="w")
+    if benchmark_file is not None:
+        files["benchmark"] = out_dir / BENCHMARK_FILE
+        content = Path(benchmark_file).read_bytes()
+        atomic_write(files["benchmark"], lambda f: f.write(content))
     if scores is None:
         (out_dir / SCORES_FILE).unlink(missing_ok=True)
     else:
@@ -221,7 +234,8 @@ def _source_order(source: str) -> tuple[int, str]:
 # --------------------------------------------------------------------------------------
 _INT_COLUMNS = ("schema_version", "seed", "n_pos", "n_neg", "n_holdout")
 _SOURCE_PATTERN = r"^(mistakes|ood:[^:\s]+|adv:[^:\s]+:[0-9.eE+-]+:(flipped|all))$"
-_PROVENANCE = ("detector_plugin", "detector_version", "detector_options", "benchmark_sha256", "oodbench_version")
+_PROVENANCE = ("detector_plugin", "detector_version", "detector_options", "benchmark_sha256", "model_weights",
+               "oodbench_version")
 MAX_PROBLEMS = 200
 
 
@@ -242,7 +256,9 @@ def read_results(path: Path) -> pd.DataFrame:
 def validate_frame(frame: pd.DataFrame, name: str = "results.csv") -> list[str]:
     """Every problem of a results table, as ``file:row N: column: problem`` (row 2 = first data row)."""
     problems: list[str] = []
-    missing = [c for c in RESULT_COLUMNS if c not in frame.columns]
+    versions = set(frame["schema_version"].astype(str).str.strip()) if "schema_version" in frame.columns else set()
+    oldest = min((int(v) for v in versions if v.isdigit()), default=SCHEMA_VERSION)
+    missing = [c for c in RESULT_COLUMNS if c not in frame.columns and ADDED_IN.get(c, 1) <= oldest]
     if missing:
         problems.append(f"{name}: missing columns: {', '.join(missing)}")
     unknown = [c for c in frame.columns if c not in RESULT_COLUMNS]
@@ -250,6 +266,7 @@ def validate_frame(frame: pd.DataFrame, name: str = "results.csv") -> list[str]:
         problems.append(f"{name}: unknown columns: {', '.join(map(str, unknown))}")
     if missing:
         return problems
+    present = [c for c in RESULT_COLUMNS if c in frame.columns]
     source_re = re.compile(_SOURCE_PATTERN)
 
     def add(row: int, column: str, message: str) -> None:
@@ -261,8 +278,12 @@ def validate_frame(frame: pd.DataFrame, name: str = "results.csv") -> list[str]:
             value = str(record[column]).strip()
             if not re.fullmatch(r"-?\d+", value):
                 add(i, column, f"expected an integer, got {value[:40]!r}")
-        if str(record["schema_version"]).strip() not in ("1",):
-            add(i, "schema_version", f"unsupported schema version {str(record['schema_version'])[:20]!r}")
+        version = str(record["schema_version"]).strip()
+        if version not in {str(v) for v in range(1, SCHEMA_VERSION + 1)}:
+            add(i, "schema_version", f"unsupported schema version {version[:20]!r}")
+        elif any(c not in present for c, since in ADDED_IN.items() if since <= int(version)):
+            add(i, "schema_version", f"schema version {version} needs the columns "
+                                     f"{', '.join(c for c, v in ADDED_IN.items() if v <= int(version))}")
         if not source_re.match(str(record["source"])):
             add(i, "source", f"not a source name (mistakes, ood:NAME, adv:ATTACK:EPS:flipped|all): {str(record['source'])[:60]!r}")
         status = str(record["status"])
@@ -272,7 +293,7 @@ def validate_frame(frame: pd.DataFrame, name: str = "results.csv") -> list[str]:
             if not str(record[column]).strip():
                 add(i, column, "empty")
         for column in _PROVENANCE:
-            if not str(record[column]).strip():
+            if column in present and not str(record[column]).strip():
                 add(i, column, "missing provenance")
         for metric in METRICS:
             text = str(record[metric]).strip()

@@ -15,6 +15,7 @@ own rows as errors.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -33,11 +34,12 @@ from .api import (UNLABELED, ClassifierHandle, DatasetContext, Detector, FitCont
 from .benchmark import Benchmark
 from .cache import Cache, make_key
 from .labels import keep_labels_per_class
+from .leaderboard import SCHEMA_VERSION
 from .metrics import compute_all
 from .plugins import Entry, Registry, instantiate, resolve_options
 from .progress import Progress
+from .provenance import environment
 
-SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -173,9 +175,10 @@ class _SeedRun:
         train, val = self.id_split("train"), self.id_split("val")
         if not model.semi_supervised:
             train = _labelled(train)
+        fingerprint = model.fingerprint()
         key = make_key("model", plugin=ref.plugin, version=entry.version, options=options, seed=self.seed,
                        train=train.key if model.trainable else None, val=val.key if model.trainable else None,
-                       shape=train.image_shape, classes=train.num_classes, fingerprint=model.fingerprint())
+                       shape=train.image_shape, classes=train.num_classes, fingerprint=fingerprint)
 
         model.resume_dir = self.cache.scratch_dir(key)
 
@@ -187,6 +190,8 @@ class _SeedRun:
                     model.train(network, train, val, self.seed, self.opts.device, say)
             return {k: v.detach().cpu() for k, v in network.state_dict().items()}
 
+        # Rows say where the weights came from: a network trained here is exact only on the same hardware.
+        self.model_weights = "trained" if model.trainable else (f"sha256:{fingerprint[:16]}" if fingerprint else "loaded")
         state = self.cache.state_dict(key, train_model)
         if model.resume_dir is not None:
             shutil.rmtree(model.resume_dir, ignore_errors=True)  # the weights are cached: nothing left to resume
@@ -203,7 +208,7 @@ class _SeedRun:
         # Logits and features are the same either way, so the view's key (which detector scores are
         # cached under) does not depend on it, and a run without layer detectors reads an entry
         # that one with them stored.
-        numerics = {"numerics": handle.numerics} if handle.numerics else {}
+        numerics = self._numerics(handle)
         key = make_key("outputs", model=model_key, images=images.key, **numerics)
         with_layers = make_key("outputs", model=model_key, images=images.key, layers=True, **numerics)
         layers = self.need_layers and handle.has_layers
@@ -212,7 +217,7 @@ class _SeedRun:
 
         def extract() -> dict[str, np.ndarray]:
             chunks = []
-            with handle.activity(f"extract:{activity}"):
+            with handle.activity(f"extract:{activity}"), self._shared_precision(handle):
                 for batch in self.progress.iterate(images.batches(self.batch_size * 4), f"features {activity}",
                                                    total=math.ceil(len(images) / (self.batch_size * 4))):
                     chunks.append(handle.outputs_and_layers(batch, layers_in_store))
@@ -231,7 +236,7 @@ class _SeedRun:
         entry = self.registry.get("attacks", attack_name)
         resolved = resolve_options(entry, options, seed=self.seed)
         attack = entry.target(**resolved)
-        numerics = {"numerics": handle.numerics} if handle.numerics else {}
+        numerics = self._numerics(handle)
         key = make_key("attack", model=model_key, images=clean.key, attack=attack_name, version=entry.version,
                        options=resolved, eps=eps, seed=self.seed, **numerics)
 
@@ -240,7 +245,7 @@ class _SeedRun:
             labels = torch.from_numpy(clean.y)
             chunks = []
             step = self.batch_size * 4
-            with handle.activity(f"attack:{attack_name}:{eps:g}"):
+            with handle.activity(f"attack:{attack_name}:{eps:g}"), self._shared_precision(handle):
                 for start in self.progress.iterate(range(0, len(clean), step), f"{attack_name} eps={eps:g}",
                                                    total=math.ceil(len(clean) / step)):
                     x = clean.tensor(slice(start, start + step))
@@ -250,6 +255,15 @@ class _SeedRun:
 
         x = self.cache.arrays(key, run_attack)["x"]
         return ImageSet(x, None, f"{attack_name}-{eps:g}")
+
+    def _numerics(self, handle: ClassifierHandle) -> dict[str, str]:
+        """What makes shared outputs differ from plain fp32 in their last bits, for their cache keys."""
+        numerics = {"numerics": handle.numerics} if handle.numerics else {}
+        return {**numerics, "precision": "float64"} if self.bench.precision == "float64" else numerics
+
+    def _shared_precision(self, handle: ClassifierHandle):
+        """The benchmark's precision for the passes every detector shares (extraction, attacks)."""
+        return handle.float64() if self.bench.precision == "float64" else contextlib.nullcontext()
 
     # -- sources -----------------------------------------------------------------------
     def sources(self, handle: ClassifierHandle, model_key: str) -> tuple[SplitView, list[Source]]:
@@ -436,6 +450,7 @@ class _SeedRun:
             timings += t
         common = {"schema_version": SCHEMA_VERSION, "benchmark": self.bench.name,
                   "benchmark_sha256": self.bench.sha256[:16], "model": self.bench.model.plugin, "seed": self.seed,
+                  "model_weights": self.model_weights,
                   "device": self.opts.device.type, "oodbench_version": __version__}
         for row in rows:
             row.update(common)
@@ -542,6 +557,7 @@ def run_benchmark(opts: RunOptions, registry: Registry) -> RunResult:
         "schema_version": SCHEMA_VERSION,
         "oodbench_version": __version__,
         "torch_version": torch.__version__,
+        "environment": environment(opts.device),
         "benchmark": {"name": opts.benchmark.name, "path": str(opts.benchmark.path), "sha256": opts.benchmark.sha256},
         "detectors": [{"label": s.label, "name": s.name, "options": s.options} for s in opts.detectors],
         "seeds": opts.seeds,
