@@ -1,6 +1,7 @@
 """A small CNN that trains on a CPU in seconds: the offline default benchmark's classifier."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from oodbench.api import ImageSet, LayeredNetwork, Model
 
+from .checkpoints import checked_sha256, checkpoint_path, load_checkpoint
 from .recipes import train_adam
 
 
@@ -37,18 +39,38 @@ class SmallCNN(Model):
     Normalisation inside the network ((x - 0.5) / 0.5 by default), so inputs are [0, 1]
     pixels. Recipe: Adam (lr 3e-3), cross-entropy, ``epochs`` full passes over the train
     split in shuffled mini-batches of 64, seeded. No augmentation.
+
+    ``weights``: instead of training, load each seed's weights from a file (``builtin:NAME`` for
+    the files shipped with oodbench, else a path relative to ``--data-dir``), read with
+    ``torch.load(weights_only=True)``: a state dict, or one per seed under ``seeds`` as
+    ``oodbench train --seeds N --export FILE`` writes. ``weights_sha256`` pins the file: any
+    other content is refused before any work. Why: training is exact only on the same
+    hardware (float32 kernels differ between CPUs and thread counts, and the recipe amplifies
+    the last bits into different weights), so the default benchmark ships its weights and gives
+    the same classifier on every machine.
     """
 
     name = "small-cnn"
 
     def __init__(self, *, width: int = 16, epochs: int = 30, lr: float = 3e-3, batch_size: int = 64,
-                 mean: float = 0.5, std: float = 0.5):
+                 mean: float = 0.5, std: float = 0.5, weights: str = "", weights_sha256: str = ""):
         self.width, self.epochs, self.lr, self.batch_size = width, epochs, lr, batch_size
         self.mean, self.std = mean, std
+        self.weights, self.weights_sha256 = weights, weights_sha256
+        self.trainable = not weights
+
+    def _path(self) -> Path:
+        return checkpoint_path(self.name, self.weights, self.data_dir)
+
+    def fingerprint(self) -> str:
+        return checked_sha256(self.name, self._path(), self.weights_sha256) if self.weights else ""
 
     def build(self, image_shape: tuple[int, int, int], num_classes: int, seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        return _Network(image_shape[0], num_classes, self.width, self.mean, self.std)
+        network = _Network(image_shape[0], num_classes, self.width, self.mean, self.std)
+        if self.weights:
+            load_checkpoint(network, self._path(), f"small-cnn width {self.width}, {num_classes} classes", seed=seed)
+        return network
 
     def train(self, network: nn.Module, train: ImageSet, val: ImageSet, seed: int,
               device: torch.device, progress: Callable[[str], None]) -> None:
