@@ -112,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"oodbench: --bf16/--channels-last are GPU options; on {opts.device} the run stays plain fp32",
               file=sys.stderr)
     result = run_benchmark(opts, registry)
-    files = write_run(out, result.rows, result.timings, result.meta, result.scores)
+    files = write_run(out, result.rows, result.timings, result.meta, result.scores, benchmark_file=bench.path)
     frame = results_frame(result.rows)
     if not args.quiet:
         accuracy = ", ".join(f"{m['test_accuracy']:.3f}" for m in result.meta["per_seed"])
@@ -137,11 +137,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .cache import atomic_write, default_cache_dir
     from .runner import RunOptions, choose_device, train_classifiers
 
+    if args.export:  # refused before any training, not after hours of it
+        folder = Path(args.export).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ValueError(f"--export {args.export}: the folder {folder} does not exist or is not writable")
     registry = _registry(args)
     bench = _find_benchmark(registry, args.benchmark)
     n_seeds = args.seeds or bench.seeds
-    if args.export and n_seeds > 1 and "{seed}" not in args.export:
-        raise ValueError("--export needs '{seed}' in the file name when training several seeds")
     opts = RunOptions(
         benchmark=bench, detectors=[], seeds=list(range(args.first_seed, args.first_seed + n_seeds)),
         cache_dir=Path(args.cache_dir or default_cache_dir()), data_dir=Path(args.data_dir).expanduser(),
@@ -151,12 +153,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     rows = [[t["seed"], t["model"], f"{t['test_accuracy']:.4f}", "cache" if t["cached"] else f"{t['seconds']:.1f} s",
              t["file"]] for t in trained]
     print(tabulate(rows, headers=["seed", "model", "test accuracy", "from", "weights"]))
-    if args.export:
+    if args.export and "{seed}" in args.export:
         for t in trained:
             path = Path(args.export.format(seed=t["seed"]))
             atomic_write(path, lambda f, state=t["state_dict"]: torch.save({"state_dict": state}, f))
             print(f"wrote {path} (a state dict: give it to the model's 'checkpoint' option where it has one)")
+    elif args.export:
+        # One file for every seed: what a benchmark ships so that each seed's classifier is the same everywhere.
+        bundle = {"seeds": {str(t["seed"]): t["state_dict"] for t in trained}}
+        atomic_write(Path(args.export), lambda f: torch.save(bundle, f))
+        print(f"wrote {args.export} (seeds {', '.join(bundle['seeds'])}; sha256 {_sha256(Path(args.export))}: "
+              "give both to the model's 'weights'/'weights_sha256' options where it has them)")
     return 0
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _report(run_dir: Path, out: Path) -> None:
@@ -232,6 +246,43 @@ def cmd_leaderboard_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_leaderboard_verify(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from .cache import default_cache_dir
+    from .leaderboard import results_frame
+    from .runner import RunOptions, choose_device, run_benchmark
+    from .verify import compare, load_published, parse_filters, parse_tolerances, rerun_specs
+
+    tolerances = parse_tolerances(args.tolerance)
+    published = load_published(Path(args.folder), parse_filters(args.rows))
+    registry = _registry(args)
+    specs, seeds = rerun_specs(published)
+    opts = RunOptions(
+        benchmark=published.benchmark, detectors=specs, seeds=seeds,
+        cache_dir=None if args.no_cache else Path(args.cache_dir or default_cache_dir()),
+        data_dir=Path(args.data_dir).expanduser(), device=choose_device(args.device), progress=not args.quiet,
+    )
+    print(f"verifying {len(published.rows)} rows of {args.folder} ({len(specs)} detectors, seeds "
+          f"{', '.join(map(str, seeds))}) against a re-run of {published.benchmark.path}", file=sys.stderr)
+    result = run_benchmark(opts, registry)
+    table = compare(published.rows, results_frame(result.rows), tolerances, args.metric)
+    shown = table if args.all else table[~table["holds"] | (table["difference"] > 0)]
+    if len(shown):
+        print(tabulate([[r.detector, r.source, r.seed, f"{r.published:.6f}", f"{r.new:.6f}",
+                         "" if r.difference != r.difference else f"{r.difference:.2g}", f"{r.tolerance:g}",
+                         "ok" if r.holds else f"FAIL: {r.why}"] for r in shown.itertuples()],
+                       headers=["detector", "source", "seed", f"published {args.metric}", "new", "|Δ|", "tolerance",
+                                "verdict"], disable_numparse=True))
+    failed = int((~table["holds"]).sum())
+    exact = int((table["difference"] == 0).sum())
+    worst = table["difference"].max()
+    print(f"\n{len(table) - failed} of {len(table)} rows hold ({exact} exactly; largest |Δ| "
+          f"{0.0 if worst != worst else worst:.2g}); tolerances: "
+          + ", ".join(f"{k} {v:g}" for k, v in tolerances.items()))
+    return 1 if failed else 0
+
+
 def cmd_leaderboard_show(args: argparse.Namespace) -> int:
     from .leaderboard import pivot_table, read_results
 
@@ -289,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder relative data paths are read from (default . or OODBENCH_DATA_DIR)")
     train.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     train.add_argument("--batch-size", type=int, help="batch size of the accuracy pass (default: the benchmark's)")
-    train.add_argument("--export", metavar="FILE", help="also save each seed's weights as a state dict to FILE "
-                       "('{seed}' is replaced by the seed)")
+    train.add_argument("--export", metavar="FILE", help="also save the weights: one state dict per seed when FILE "
+                       "holds '{seed}' (replaced by the seed), else one file with every seed's")
     train.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     train.set_defaults(func=cmd_train)
 
@@ -316,6 +367,29 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--prefer", choices=["first", "last"], help="which file wins when rows conflict "
                        "(default: refuse conflicts)")
     merge.set_defaults(func=cmd_leaderboard_merge)
+    verify = board_sub.add_parser(
+        "verify", help="re-run a published folder's rows and check they hold within tolerances",
+        description="Re-run the rows of a published folder (results.csv, run.json, benchmark.toml) from its own "
+        "benchmark file, whose sha256 must be the one the rows name, with the run's detectors and options; print "
+        "per row the published value, the new one and |Δ|; exit 1 if any row moves more than its tolerance. "
+        "Default tolerances (absolute): mistakes and ood 0.005, adversarial 0.02 (FGSM/BIM follow gradient signs, "
+        "which rounding can flip).")
+    verify.add_argument("folder", metavar="FOLDER")
+    verify.add_argument("--rows", action="append", metavar="COLUMN=GLOB", help="only rows whose COLUMN (detector, "
+                        "source, seed, source_kind) matches GLOB; repeat to narrow further: --rows detector=msp "
+                        "--rows 'source=ood:*'")
+    verify.add_argument("--tolerance", action="append", metavar="[KIND=]T", help="absolute tolerance for every "
+                        "kind, or for one kind (mistakes, ood, adversarial); repeatable")
+    verify.add_argument("--metric", default="auroc", choices=["auroc", "aupr_in", "aupr_out", "fpr_at_95tpr",
+                                                              "detection_error"])
+    verify.add_argument("--all", action="store_true", help="print every row, not only those that moved")
+    verify.add_argument("--data-dir", default=os.environ.get("OODBENCH_DATA_DIR", "."),
+                        help="folder relative data paths are read from (default . or OODBENCH_DATA_DIR)")
+    verify.add_argument("--cache-dir", help="cache folder (default: the user cache dir, or OODBENCH_CACHE_DIR)")
+    verify.add_argument("--no-cache", action="store_true", help="recompute everything and store nothing")
+    verify.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+    verify.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    verify.set_defaults(func=cmd_leaderboard_verify)
     show = board_sub.add_parser("show", help="detectors x sources table of one metric, mean ± std over seeds")
     show.add_argument("file")
     show.add_argument("--metric", default="auroc", choices=["auroc", "aupr_in", "aupr_out", "fpr_at_95tpr",
