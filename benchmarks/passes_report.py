@@ -139,16 +139,21 @@ def _preprocessed_score(run: DetectorRun, epsilon: float) -> Counts:
 
 
 def odin_minimum(run: DetectorRun) -> dict[str, Counts]:
-    """``odin``: per holdout image |T| forward+backward and |T| |eps > 0| forward; per evaluated image, 1 + 1."""
+    """``odin``: per holdout image |T| forward+backward, and |eps > 0| forwards per distinct (image, gradient
+    sign) pair over the temperatures (``grid_directions``, reported per row: an image whose sign at T is the one
+    it had at a smaller T needs no new forward); per evaluated image, 1 + 1. The eps = 0 forwards are not in
+    the minimum: those logits are the extraction's.
+    """
     temperatures, moving = _grid(run.options["temperatures"], run.options["epsilons"])
     tuned = [row for row in run.rows if row["tuned_params"]]
     holdout = sum(run.seed_meta["sources"][row["source"]]["n_holdout"] for row in tuned)
+    directions = sum(json.loads(row["tuned_params"])["grid_directions"] for row in tuned)
     scored = 0
     for row in tuned:
         if json.loads(row["tuned_params"])["epsilon"] > 0:
             source = run.seed_meta["sources"][row["source"]]
             scored += source["n_pos"] + source["n_neg"]
-    return {run.activity("tune"): counts(temperatures * moving * holdout, temperatures * holdout),
+    return {run.activity("tune"): counts(moving * directions, temperatures * holdout),
             run.activity("score"): counts(scored, scored)}
 
 
@@ -156,7 +161,7 @@ def odin_nood_minimum(run: DetectorRun) -> dict[str, Counts]:
     """``odin-nood``: per val image, 1 gradient for FGSM, then the grid on the clean and the FGSM image."""
     temperatures, moving = _grid(run.options["temperatures"], run.options["epsilons"])
     val = run.sizes["val"]
-    return {run.activity("fit"): counts(2 * val * temperatures * moving, val + 2 * val * temperatures),
+    return {run.activity("fit"): counts(moving * run.metadata["grid_directions"], val + 2 * val * temperatures),
             run.activity("score"): _preprocessed_score(run, run.metadata["epsilon"])}
 
 
@@ -212,14 +217,19 @@ def odin_grid_cost(result: RunResult, registry: Registry, seed_meta: dict[str, A
         options = resolve_options(registry.get("detectors", "odin"), spec["options"])
         tuned = [r for r in result.rows if r["seed"] == seed_meta["seed"] and r["detector"] == spec["label"] and r["tuned_params"]]
         holdout = sum(seed_meta["sources"][r["source"]]["n_holdout"] for r in tuned)
+        directions = sum(json.loads(r["tuned_params"])["grid_directions"] for r in tuned)
         measured = seed_meta["passes"].get(f"detector:{spec['label']}:tune", counts())
         temperatures, epsilons = len(set(options["temperatures"])), len(set(options["epsilons"]))
         points = temperatures * epsilons
+        moving = sum(1 for e in set(options["epsilons"]) if e > 0)
+        still = 1 if 0 in set(options["epsilons"]) else 0
         out[spec["label"]] = {
             "holdout_images": holdout,
             "grid": {"temperatures": temperatures, "epsilons": epsilons},
+            "directions_per_image": directions / holdout if holdout else None,
             "measured_per_image": {k: v / holdout for k, v in measured.items()} if holdout else None,
-            "formula_per_image": counts(points, temperatures),
+            "formula_per_image": {"forward": still + moving * directions / holdout if holdout else 0.0,
+                                  "forward_backward": float(temperatures)},
             "naive_per_image": counts(points, points),
         }
     return out

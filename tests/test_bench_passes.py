@@ -5,6 +5,7 @@ spent and counted) with msp, gmm, mahalanobis and odin. The minimum is the one
 ``benchmarks/passes_report.py`` documents: one forward per image of every extracted set, the
 attacks' passes by definition, and ODIN's grid with the eps = 0 forwards removed.
 """
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -86,13 +87,17 @@ def test_odin_grid_costs_one_gradient_per_temperature_and_one_forward_per_grid_p
     temperatures, epsilons = len(PAPER_TEMPERATURES), len(PAPER_EPSILONS)
     assert (temperatures, epsilons) == (10, 21)
     assert holdout > 0
-    assert seed["passes"]["detector:odin:tune"] == {"forward": 210 * holdout, "forward_backward": 10 * holdout}
+    # One forward per image at eps = 0, then 20 per distinct (image, gradient sign) pair over the temperatures.
+    directions = sum(json.loads(r["tuned_params"])["grid_directions"] for r in result.rows if r["detector"] == "odin")
+    assert holdout < directions < 10 * holdout, "signs repeat across temperatures, but not all of them"
+    assert seed["passes"]["detector:odin:tune"] == {"forward": holdout + 20 * directions, "forward_backward": 10 * holdout}
     grid = report["odin_grid"]["odin"]
-    assert grid["measured_per_image"] == {"forward": 210.0, "forward_backward": 10.0}
+    assert grid["measured_per_image"] == {"forward": 1 + 20 * directions / holdout, "forward_backward": 10.0}
+    assert grid["measured_per_image"]["forward"] < 210 and grid["formula_per_image"] == grid["measured_per_image"]
     assert grid["naive_per_image"] == {"forward": 210, "forward_backward": 210}
-    # the eps = 0 column is the only excess over the minimum: 10 of 210 forwards
+    # the eps = 0 forwards are the only excess over the minimum (those logits are the extraction's)
     tune = report["passes"]["activities"]["detector:odin:tune"]
-    assert tune["minimum"] == {"forward": 200 * holdout, "forward_backward": 10 * holdout}
+    assert tune["minimum"] == {"forward": 20 * directions, "forward_backward": 10 * holdout}
 
 
 def test_throughput_by_phase_adds_up_to_the_passes(core_four):

@@ -156,8 +156,15 @@ def test_pass_counts_share_the_gradient_across_epsilons():
     detector = Odin(temperatures=temperatures, epsilons=epsilons)
     holdout = Holdout("src", view(model, pos, Odin.needs), view(model, neg, Odin.needs))
     detector.fit(FitContext(holdout.positives, holdout.positives, CLASSES, 0, torch.device("cpu"), model))
-    detector.tune(holdout)
-    assert model.passes["other"] == {"forward_backward": n * 3, "forward": n * 3 * 4}
+    choice = detector.tune(holdout)
+    # Forwards: one per image at eps = 0, then one per eps > 0 for each image whose gradient sign at this T
+    # differs from its sign at every smaller T (closed-form gradients of the linear net, counted here).
+    x = np.concatenate([pos, neg])
+    signs = [np.sign(closed_form_perturbed(model.network, x, t, 0.0)[1]).reshape(n, -1) for t in temperatures]
+    distinct = sum(not any((signs[j][i] == signs[k][i]).all() for k in range(j)) for j in range(3) for i in range(n))
+    assert n < distinct < 3 * n, "the data no longer exercise the reuse"
+    assert choice["grid_directions"] == distinct
+    assert model.passes["other"] == {"forward_backward": n * 3, "forward": n + distinct * 3}
     model.passes.clear()
     detector.choice = {"temperature": 10.0, "epsilon": 0.002}
     detector.score(holdout.positives)
@@ -166,6 +173,23 @@ def test_pass_counts_share_the_gradient_across_epsilons():
     detector.choice = {"temperature": 10.0, "epsilon": 0.0}
     detector.score(holdout.positives)
     assert model.passes == {}
+
+
+def test_reusing_logits_across_temperatures_changes_no_score():
+    """The grid with reuse picks what a plain grid (every (T, eps) its own pass) picks, with the same FPR."""
+    model = handle(batch_size=16)
+    pos, neg = images(40, 0.0, 1.0, seed=3), images(40, 0.1, 0.9, seed=4)
+    temperatures, epsilons = (1.0, 5.0, 100.0, 1000.0), (0.0, 0.002, 0.01)
+    fprs = {(t, e): sklearn_fpr95(closed_form_score(model.network, pos, t, e), closed_form_score(model.network, neg, t, e))
+            for t, e in itertools.product(temperatures, epsilons)}
+    best = min(sorted(fprs), key=lambda k: fprs[k])
+    detector = Odin(temperatures=temperatures, epsilons=epsilons)
+    dummy = view(model, pos, Odin.needs)
+    detector.fit(FitContext(dummy, dummy, CLASSES, 0, torch.device("cpu"), model))
+    choice = detector.tune(Holdout("src", view(model, pos, Odin.needs), view(model, neg, Odin.needs)))
+    assert (choice["temperature"], choice["epsilon"]) == best
+    assert choice["holdout_fpr95"] == pytest.approx(fprs[best], abs=1e-12)
+    assert choice["grid_directions"] < 4 * 80, "some directions repeat, so some logits were reused"
 
 
 def test_fgsm_matches_closed_form_across_chunks():
