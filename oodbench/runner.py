@@ -461,7 +461,7 @@ class _SeedRun:
                 "batch_size": {"asked": self.batch_size, "used": handle.batch_sizes, **handle.memory,
                                "halved_after_out_of_memory": handle.memory_backoffs},
                 "numerics": {"asked": {"bf16": self.opts.bf16, "channels_last": self.opts.channels_last},
-                             "used": handle.numerics or "fp32"},
+                             "used": handle.numerics or "fp32", "shared_passes": self.bench.precision},
                 "throughput": handle.throughput(),
                 "sources": {s.name: {"n_pos": len(s.positives), "n_neg": len(s.negatives), "n_holdout": s.n_holdout}
                             for s in sources if s.kind != "error"}}

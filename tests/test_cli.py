@@ -86,7 +86,8 @@ def test_train_caches_the_classifier_that_run_then_starts_from(tmp_path):
     import torch
 
     cache = tmp_path / "cache"
-    done = run_cli("train", "--cache-dir", str(cache), "--export", str(tmp_path / "weights-{seed}.pt"), "-q")
+    done = run_cli("train", "-b", "digits-train", "--cache-dir", str(cache), "--export", str(tmp_path / "weights-{seed}.pt"),
+                   "-q")
     assert done.returncode == 0, done.stderr
     line = next(line for line in done.stdout.splitlines() if line.split()[:2] == ["0", "small-cnn"])
     accuracy, weights = float(line.split()[2]), Path(line.split()[-1])
@@ -94,14 +95,40 @@ def test_train_caches_the_classifier_that_run_then_starts_from(tmp_path):
     exported = torch.load(tmp_path / "weights-0.pt", weights_only=True)["state_dict"]
     cached = torch.load(weights, weights_only=True)
     assert exported.keys() == cached.keys() and all(torch.equal(exported[k], cached[k]) for k in cached)
-    again = run_cli("train", "--cache-dir", str(cache), "-q")
+    # Without '{seed}' the export is one file of every seed's weights, which small-cnn's `weights` option reads.
+    again = run_cli("train", "-b", "digits-train", "--cache-dir", str(cache), "--export", str(tmp_path / "all.pt"), "-q")
     assert " cache " in again.stdout and f"{accuracy:.4f}" in again.stdout
+    bundle = torch.load(tmp_path / "all.pt", weights_only=True)["seeds"]
+    assert list(bundle) == ["0"] and all(torch.equal(bundle["0"][k], cached[k]) for k in cached)
     out = tmp_path / "out"
-    assert run_cli("run", "-d", "msp", "--cache-dir", str(cache), "-o", str(out), "-q").returncode == 0
+    assert run_cli("run", "-b", "digits-train", "-d", "msp", "--cache-dir", str(cache), "-o", str(out), "-q").returncode == 0
     assert json.loads((out / "run.json").read_text())["per_seed"][0]["model_key"] in weights.name
+    assert set(pd.read_csv(out / "results.csv")["model_weights"]) == {"trained"}, "rows say the network was trained here"
     # A bad --export is refused before any training, not after hours of it.
-    refused = run_cli("train", "--seeds", "2", "--export", str(tmp_path / "w.pt"), "--cache-dir", str(tmp_path / "new"))
-    assert refused.returncode == 2 and "needs '{seed}'" in refused.stderr and not (tmp_path / "new").exists()
+    refused = run_cli("train", "-b", "digits-train", "--export", str(tmp_path / "no" / "w.pt"),
+                      "--cache-dir", str(tmp_path / "new"))
+    assert refused.returncode == 2 and "does not exist or is not writable" in refused.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_default_benchmark_loads_the_shipped_weights_and_refuses_a_changed_file(tmp_path):
+    import torch
+    from oodbench_plugins.models.checkpoints import BUILTIN_WEIGHTS
+
+    shipped = BUILTIN_WEIGHTS / "digits-small-cnn.pt"
+    seeds = torch.load(shipped, weights_only=True)["seeds"]
+    assert list(seeds) == ["0", "1", "2", "3", "4"]
+    # The benchmark pins the file by sha256: a copy with one weight changed is refused before any work.
+    seeds["0"]["linear.bias"][0] += 1.0
+    torch.save({"seeds": seeds}, tmp_path / "w.pt")
+    bench = (shipped.parents[2] / "benchmarks" / "digits.toml").read_text()
+    (tmp_path / "b.toml").write_text(bench.replace('"builtin:digits-small-cnn.pt"', '"w.pt"').replace(
+        'name = "digits"', 'name = "digits-copy"'))
+    done = run_cli("run", "-b", str(tmp_path / "b.toml"), "-d", "msp", "--data-dir", str(tmp_path),
+                   "--cache-dir", str(tmp_path / "c"), "-o", str(tmp_path / "o"))
+    assert done.returncode == 1 and "but the benchmark expects" in done.stderr and "Traceback" not in done.stderr
+    done = run_cli("run", "-d", "msp", "--first-seed", "5", "--cache-dir", str(tmp_path / "c"), "-o", str(tmp_path / "o"))
+    assert done.returncode == 1 and "holds weights for seeds 0, 1, 2, 3, 4 only, not seed 5" in done.stderr
 
 
 def test_help_lists_commands():

@@ -40,6 +40,17 @@ def test_every_kind_of_problem_is_reported_with_row_and_column(published):
     assert validate_frame(published.drop(columns=["auroc"]), "g.csv") == ["g.csv: missing columns: auroc"]
 
 
+def test_schema_1_files_stay_valid_and_schema_2_needs_model_weights(published):
+    assert set(published["schema_version"]) == {"2"} and published["model_weights"].str.startswith("sha256:").all()
+    old = published.drop(columns=["model_weights"]).assign(schema_version="1")
+    assert validate_frame(old, "v1.csv") == []
+    assert validate_frame(published.drop(columns=["model_weights"]), "v2.csv") == ["v2.csv: missing columns: model_weights"]
+    mixed = pd.concat([old, published.head(1)], ignore_index=True)  # v1 rows lack it, the v2 row has it
+    assert validate_frame(mixed, "mixed.csv") == []
+    future = published.head(1).assign(schema_version="3")
+    assert validate_frame(future, "f.csv") == ["f.csv:row 2: schema_version: unsupported schema version '3'"]
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=2000) | st.text(max_size=2000).map(str.encode))
 def test_validate_never_crashes_on_garbage(tmp_path, blob):
