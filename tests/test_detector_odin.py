@@ -147,6 +147,8 @@ def test_tune_picks_brute_force_minimiser(temperatures, expected):
     choice = detector.tune(Holdout("src", view(model, pos, Odin.needs), view(model, neg, Odin.needs)))
     assert (choice["temperature"], choice["epsilon"]) == best
     assert choice["holdout_fpr95"] == pytest.approx(fprs[best], abs=1e-12)
+    # the same choice although logits were reused where an image's gradient sign repeats across T
+    assert 200 < choice["grid_directions"] < 200 * len(temperatures)
 
 
 def test_pass_counts_share_the_gradient_across_epsilons():
@@ -174,22 +176,6 @@ def test_pass_counts_share_the_gradient_across_epsilons():
     detector.score(holdout.positives)
     assert model.passes == {}
 
-
-def test_reusing_logits_across_temperatures_changes_no_score():
-    """The grid with reuse picks what a plain grid (every (T, eps) its own pass) picks, with the same FPR."""
-    model = handle(batch_size=16)
-    pos, neg = images(40, 0.0, 1.0, seed=3), images(40, 0.1, 0.9, seed=4)
-    temperatures, epsilons = (1.0, 5.0, 100.0, 1000.0), (0.0, 0.002, 0.01)
-    fprs = {(t, e): sklearn_fpr95(closed_form_score(model.network, pos, t, e), closed_form_score(model.network, neg, t, e))
-            for t, e in itertools.product(temperatures, epsilons)}
-    best = min(sorted(fprs), key=lambda k: fprs[k])
-    detector = Odin(temperatures=temperatures, epsilons=epsilons)
-    dummy = view(model, pos, Odin.needs)
-    detector.fit(FitContext(dummy, dummy, CLASSES, 0, torch.device("cpu"), model))
-    choice = detector.tune(Holdout("src", view(model, pos, Odin.needs), view(model, neg, Odin.needs)))
-    assert (choice["temperature"], choice["epsilon"]) == best
-    assert choice["holdout_fpr95"] == pytest.approx(fprs[best], abs=1e-12)
-    assert choice["grid_directions"] < 4 * 80, "some directions repeat, so some logits were reused"
 
 
 def test_fgsm_matches_closed_form_across_chunks():
