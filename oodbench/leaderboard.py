@@ -6,17 +6,27 @@ timings or dates: the same command gives the same file. ``summary.csv`` has mean
 ``n_seeds`` of every metric per (benchmark, model, detector, source) over the ok rows.
 ``scores.npz`` keeps the per-input scores behind the ok rows, for plots; it is a per-run
 artefact, not part of the published schema.
+
+Every CSV written here goes through ``csv_text``, which makes text cells safe to open in a
+spreadsheet, and every file read for showing, merging or reporting goes through
+``read_valid_results``, so a file that lies is refused instead of rendered. ``write_run``
+replaces an output folder whole, so a killed run never leaves new files beside old ones.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
 import re
+import secrets
+import shutil
+import time
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -73,45 +83,260 @@ def summary_frame(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _csv_text(frame: pd.DataFrame) -> str:
+#: What OWASP lists as starting a spreadsheet formula ("CSV injection"). Tab and CR, also on its
+#: list, are control characters, which no cell may hold at all.
+_FORMULA_START = ("=", "+", "-", "@")
+#: Characters that break a line or reorder the text around them (bidi controls): a cell holding one
+#: breaks the rows of a table or reads as something other than what it is.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+#: A number every reader reads alike: ASCII digits only. ``float()`` also takes '٠.٥', '１' and
+#: '0_5', which pandas then reads as NaN.
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _formula_like(text: str) -> bool:
+    """Whether a spreadsheet would run ``text`` as a formula; a plain number such as -0.5 stays a number."""
+    return text.startswith(_FORMULA_START) and not _DECIMAL.fullmatch(text)
+
+
+def _safe_cell(value: Any) -> Any:
+    """A text ``value`` as a cell that can neither break a table nor run as a formula; others unchanged.
+
+    Control characters become U+FFFD rather than vanishing, so two names cannot merge into one key;
+    a formula-like text gets OWASP's leading single quote, which spreadsheets show as text.
+    """
+    if not isinstance(value, str):
+        return value
+    value = _CONTROL.sub("\ufffd", value)
+    return "'" + value if _formula_like(value) else value
+
+
+def csv_text(frame: pd.DataFrame) -> str:
+    """``frame`` as CSV text with every text cell made safe: what each leaderboard file is written with.
+
+    Numeric columns are left alone, since a negative number is no formula. Whatever a plugin's error
+    or a detector's label held, the file written passes ``validate_frame``'s control-character and
+    CSV-injection checks, so a run's own output can always be reported.
+    """
+    safe = frame.copy()
+    for column in safe.columns:
+        if not pd.api.types.is_numeric_dtype(safe[column]):
+            safe[column] = safe[column].map(_safe_cell)
     buffer = io.StringIO()
-    frame.to_csv(buffer, index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
+    safe.to_csv(buffer, index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
     return buffer.getvalue()
+
+
+def write_results_csv(path: Path, frame: pd.DataFrame) -> None:
+    """Write ``frame`` (e.g. ``merge_frames``' output) atomically as UTF-8 CSV through ``csv_text``."""
+    content = csv_text(frame).encode("utf-8")
+    atomic_write(Path(path), lambda f: f.write(content))
+
+
+#: Entries of a run folder that a new run replaces: its own files and the report drawn from them.
+_RUN_OWNED = frozenset({"results.csv", "summary.csv", "timings.csv", "run.json", BENCHMARK_FILE, SCORES_FILE,
+                        "report.html", "plots"})
+#: The temporary files of ``atomic_write`` (``.NAME.XXXXXXXX.tmp``), which a killed write leaves behind.
+_TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+#: A staging folder older than this belongs to a killed run; a younger one may be a concurrent run's.
+STALE_AFTER_SECONDS = 3600.0
 
 
 def write_run(out_dir: Path, rows: list[dict], timings: list[dict], meta: dict,
               scores: dict[ScoreKey, tuple[np.ndarray, np.ndarray]] | None = None,
               benchmark_file: Path | None = None) -> dict[str, Path]:
-    """Write results.csv, summary.csv, timings.csv, run.json and scores.npz atomically; return their paths.
+    """Write results.csv, summary.csv, timings.csv, run.json and scores.npz; return their paths.
 
-    Without ``scores`` no scores.npz is written and one left in ``out_dir`` by an earlier run is
-    removed, since it would describe other rows than the new results.csv. ``benchmark_file`` is
-    copied as ``benchmark.toml``, so the folder alone says what to re-run (``leaderboard verify``).
+    The files are written into a fresh staging folder which then replaces ``out_dir`` whole, so a
+    run killed at any point leaves the old folder or the new one, never new results beside an older
+    run's summary, provenance or scores. What an earlier run owned (its files, report.html, plots/)
+    goes; anything else in ``out_dir`` is kept. Without ``scores`` no scores.npz is written.
+    ``benchmark_file`` is copied as ``benchmark.toml``, so the folder alone says what to re-run
+    (``leaderboard verify``). Staging folders and temporary files of killed runs are removed.
     """
     out_dir = Path(out_dir)
+    target = out_dir.resolve()  # a symlinked folder is replaced where it really is
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(target)
+    staging = _staging_folder(target)
+    try:
+        names = _write_run_files(staging, rows, timings, meta, scores, benchmark_file)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _swap_in(staging, target)
+    return {key: out_dir / name for key, name in names.items()}
+
+
+def _write_run_files(folder: Path, rows: list[dict], timings: list[dict], meta: dict,
+                     scores: dict[ScoreKey, tuple[np.ndarray, np.ndarray]] | None,
+                     benchmark_file: Path | None) -> dict[str, str]:
+    """Write a run's files into the empty ``folder``; return their names by kind."""
     results = results_frame(rows)
-    files = {
-        "results": out_dir / "results.csv",
-        "summary": out_dir / "summary.csv",
-        "timings": out_dir / "timings.csv",
-        "run": out_dir / "run.json",
-    }
-    atomic_write(files["results"], lambda f: f.write(_csv_text(results)), mode="w")
-    atomic_write(files["summary"], lambda f: f.write(_csv_text(summary_frame(results))), mode="w")
     timing_frame = pd.DataFrame(timings, columns=["detector", "source", "seed", "fit_seconds", "score_seconds"])
-    atomic_write(files["timings"], lambda f: f.write(_csv_text(timing_frame)), mode="w")
     tracebacks = [{k: r[k] for k in ("detector", "source", "seed", "traceback")} for r in rows if r.get("traceback")]
-    atomic_write(files["run"], lambda f: json.dump({**meta, "tracebacks": tracebacks}, f, indent=2, sort_keys=True), mode="w")
+    names = {"results": "results.csv", "summary": "summary.csv", "timings": "timings.csv", "run": "run.json"}
+    (folder / names["results"]).write_bytes(csv_text(results).encode("utf-8"))
+    (folder / names["summary"]).write_bytes(csv_text(summary_frame(results)).encode("utf-8"))
+    (folder / names["timings"]).write_bytes(csv_text(timing_frame).encode("utf-8"))
+    run_json = json.dumps({**meta, "tracebacks": tracebacks}, indent=2, sort_keys=True)
+    (folder / names["run"]).write_bytes(run_json.encode("utf-8"))
     if benchmark_file is not None:
-        files["benchmark"] = out_dir / BENCHMARK_FILE
-        content = Path(benchmark_file).read_bytes()
-        atomic_write(files["benchmark"], lambda f: f.write(content))
-    if scores is None:
-        (out_dir / SCORES_FILE).unlink(missing_ok=True)
+        names["benchmark"] = BENCHMARK_FILE
+        (folder / BENCHMARK_FILE).write_bytes(Path(benchmark_file).read_bytes())
+    if scores is not None:
+        names["scores"] = SCORES_FILE
+        write_scores(folder / SCORES_FILE, scores)
+    return names
+
+
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def _staging_folder(target: Path) -> Path:
+    """A new empty folder on ``target``'s file system for the run's files.
+
+    Beside ``target``, so that it can replace it whole; inside it where ``target`` cannot be renamed
+    (a mount point, such as a container's volume) or its parent is not writable. ``os.mkdir`` gives
+    the folder ordinary permissions (``mkdtemp``'s would be owner-only).
+    """
+    beside = not (target.exists() and os.path.ismount(target)) and os.access(target.parent, os.W_OK)
+    if not beside:
+        target.mkdir(exist_ok=True)
+    staging = (target.parent if beside else target) / (_staging_prefix(target) + secrets.token_hex(6))
+    os.mkdir(staging)
+    return staging
+
+
+def _aside_prefix(target: Path) -> str:
+    return f".{target.name}.old-"
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Put the complete run in ``staging`` in place as ``target``.
+
+    Raises ``ValueError`` naming ``staging``, which is then kept, where that fails: the run's results
+    are never lost to a folder that cannot be replaced.
+    """
+    try:
+        if staging.parent == target:
+            _move_in(staging, target)
+        elif target.exists():
+            _replace(staging, target)
+        else:
+            os.rename(staging, target)
+    except OSError as exc:
+        raise ValueError(f"cannot replace {target} ({exc}); the run's files are complete in {staging}") from exc
+
+
+def _replace(staging: Path, target: Path) -> None:
+    """Replace the folder ``target`` by ``staging`` with two renames, then delete the old folder.
+
+    POSIX has no portable atomic exchange of two folders, so the old one is renamed aside first and
+    deleted only once the new one is in place: a kill between the renames leaves both complete, and
+    the next write puts the old one back (``_clean_stale``).
+    """
+    if not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a folder")
+    shutil.copymode(target, staging)  # a shared folder keeps its permissions
+    _carry_foreign(target, staging)
+    cwd = _cwd_inside(target)
+    aside = target.parent / (_aside_prefix(target) + secrets.token_hex(6))
+    os.rename(target, aside)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    if cwd is not None:
+        os.chdir(cwd)  # the process stood in the old folder, now deleted: stand in the new one instead
+
+
+def _cwd_inside(folder: Path) -> str | None:
+    """The working directory when it is ``folder`` or inside it (``oodbench run -o .``), else None."""
+    with contextlib.suppress(OSError):
+        cwd = os.getcwd()
+        if Path(cwd) == folder or folder in Path(cwd).parents:
+            return cwd
+    return None
+
+
+def _carry_foreign(old: Path, new: Path) -> None:
+    """Hard-link into ``new`` what ``old`` holds that no run writes (notes, a cache), so replacing keeps it.
+
+    Links copy no data and leave ``old`` untouched until the swap; where linking fails, entries are
+    copied. Temporary files and staging folders of killed writes are not carried, which removes them.
+    """
+    for entry in old.iterdir():
+        if (entry.name in _RUN_OWNED or _TEMP_FILE.fullmatch(entry.name)
+                or entry.name.startswith(_staging_prefix(old))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, new / entry.name)
+
+
+def _link_or_copy(source: str | Path, destination: str | Path) -> None:
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, destination, follow_symlinks=False)
+
+
+def _move_in(staging: Path, target: Path) -> None:
+    """Move the run's files from ``staging`` (inside ``target``) into ``target``, results.csv last.
+
+    For folders that cannot be replaced whole. The old results.csv goes first, so a kill part-way
+    leaves a folder without results.csv, which ``report`` and ``verify`` refuse, rather than a mix
+    they would render; the old run's other owned entries go too.
+    """
+    (target / "results.csv").unlink(missing_ok=True)
+    new = sorted(os.listdir(staging), key=lambda name: name == "results.csv")
+    for name in _RUN_OWNED - set(new):
+        _remove(target / name)
+    for name in new:
+        os.replace(staging / name, target / name)
+    staging.rmdir()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
     else:
-        files["scores"] = out_dir / SCORES_FILE
-        write_scores(files["scores"], scores)
-    return files
+        path.unlink(missing_ok=True)
+
+
+def _clean_stale(target: Path) -> None:
+    """Undo what killed writes of ``target`` left: folders set aside or staged, and temporary files.
+
+    A folder set aside while ``target`` is missing was killed between ``_replace``'s two renames and
+    is complete, so it is put back. Staging folders and temporary files are removed once older than
+    ``STALE_AFTER_SECONDS``, so a concurrent writer's are not pulled from under it. Cleaning is best
+    effort: it never stops the run's files from being written.
+    """
+    for aside in sorted(_entries(target.parent, _aside_prefix(target))):
+        with contextlib.suppress(OSError):
+            if target.exists():
+                shutil.rmtree(aside)
+            else:
+                os.rename(aside, target)
+    prefix = _staging_prefix(target)
+    leftovers = _entries(target.parent, prefix) + [entry for entry in _entries(target, ".")
+                                                   if entry.name.startswith(prefix) or _TEMP_FILE.fullmatch(entry.name)]
+    for entry in leftovers:
+        with contextlib.suppress(OSError):
+            if time.time() - entry.lstat().st_mtime > STALE_AFTER_SECONDS:
+                _remove(entry)
+
+
+def _entries(folder: Path, prefix: str) -> list[Path]:
+    """The entries of ``folder`` whose names start with ``prefix``; none where it cannot be listed."""
+    with contextlib.suppress(OSError):
+        return [entry for entry in folder.iterdir() if entry.name.startswith(prefix)]
+    return []
 
 
 def scores_key(detector: str, source: str, seed: int, side: str) -> str:
@@ -218,7 +443,7 @@ def pivot_table(results: pd.DataFrame, metric: str = "auroc", fmt: str = "github
     transposed = [["source", *detectors]] + [[s, *(shown(*cells[s, d]) for d in detectors)] for s in sources]
     if fmt == "csv":
         buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\n").writerows(transposed)
+        csv.writer(buffer, lineterminator="\n").writerows([[_safe_cell(c) for c in row] for row in transposed])
         return buffer.getvalue().rstrip("\n")
     return tabulate(transposed[1:], headers=transposed[0], tablefmt="github" if fmt == "markdown" else fmt,
                     disable_numparse=True)
@@ -233,6 +458,11 @@ def _source_order(source: str) -> tuple[int, str]:
 # Validation and merging of published files
 # --------------------------------------------------------------------------------------
 _INT_COLUMNS = ("schema_version", "seed", "n_pos", "n_neg", "n_holdout")
+#: Columns of free text, where a cell must not start a spreadsheet formula.
+_TEXT_COLUMNS = frozenset(RESULT_COLUMNS) - set(_INT_COLUMNS) - set(METRICS)
+#: Seeds go to numpy and torch, and merged files to pandas, as int64.
+_INT_LIMIT = 2**63
+_SCHEMA_VERSIONS = frozenset(str(v) for v in range(1, SCHEMA_VERSION + 1))
 _SOURCE_PATTERN = r"^(mistakes|ood:[^:\s]+|adv:[^:\s]+:[0-9.eE+-]+:(flipped|all))$"
 _PROVENANCE = ("detector_plugin", "detector_version", "detector_options", "benchmark_sha256", "model_weights",
                "oodbench_version")
@@ -253,11 +483,26 @@ def read_results(path: Path) -> pd.DataFrame:
         raise ValueError(f"{path}: not a readable CSV: {reason}") from None
 
 
+def read_valid_results(path: Path) -> pd.DataFrame:
+    """A results CSV that ``validate_frame`` accepts, or ``ValueError`` with the count of problems and the first.
+
+    Whatever shows, merges or reports a file reads it through this, so a file that lies (AUROC 1.5
+    or '٠.٥', a duplicated row, a formula, a seed spelled '00') is refused with the reason instead
+    of being rendered as a result.
+    """
+    frame = read_results(path)
+    problems = validate_frame(frame, str(path))
+    if problems:
+        raise ValueError(f"{path} is not a valid results file ({len(problems)} problem(s); first: {problems[0]}); "
+                         "run 'oodbench leaderboard validate' on it")
+    return frame
+
+
 def validate_frame(frame: pd.DataFrame, name: str = "results.csv") -> list[str]:
     """Every problem of a results table, as ``file:row N: column: problem`` (row 2 = first data row)."""
     problems: list[str] = []
-    versions = set(frame["schema_version"].astype(str).str.strip()) if "schema_version" in frame.columns else set()
-    oldest = min((int(v) for v in versions if v.isdigit()), default=SCHEMA_VERSION)
+    versions = set(frame["schema_version"].astype(str)) if "schema_version" in frame.columns else set()
+    oldest = min((int(v) for v in versions & _SCHEMA_VERSIONS), default=SCHEMA_VERSION)
     missing = [c for c in RESULT_COLUMNS if c not in frame.columns and ADDED_IN.get(c, 1) <= oldest]
     if missing:
         problems.append(f"{name}: missing columns: {', '.join(missing)}")
@@ -267,55 +512,105 @@ def validate_frame(frame: pd.DataFrame, name: str = "results.csv") -> list[str]:
     if missing:
         return problems
     present = [c for c in RESULT_COLUMNS if c in frame.columns]
-    source_re = re.compile(_SOURCE_PATTERN)
 
     def add(row: int, column: str, message: str) -> None:
         if len(problems) < MAX_PROBLEMS:
             problems.append(f"{name}:row {row + 2}: {column}: {message}")
 
     for i, record in enumerate(frame.to_dict("records")):
-        for column in _INT_COLUMNS:
-            value = str(record[column]).strip()
-            if not re.fullmatch(r"-?\d+", value):
-                add(i, column, f"expected an integer, got {value[:40]!r}")
-        version = str(record["schema_version"]).strip()
-        if version not in {str(v) for v in range(1, SCHEMA_VERSION + 1)}:
-            add(i, "schema_version", f"unsupported schema version {version[:20]!r}")
-        elif any(c not in present for c, since in ADDED_IN.items() if since <= int(version)):
-            add(i, "schema_version", f"schema version {version} needs the columns "
-                                     f"{', '.join(c for c, v in ADDED_IN.items() if v <= int(version))}")
-        if not source_re.match(str(record["source"])):
-            add(i, "source", f"not a source name (mistakes, ood:NAME, adv:ATTACK:EPS:flipped|all): {str(record['source'])[:60]!r}")
-        status = str(record["status"])
-        if status not in ("ok", "error"):
-            add(i, "status", f"must be ok or error, got {status[:20]!r}")
-        for column in ("benchmark", "model", "detector"):
-            if not str(record[column]).strip():
-                add(i, column, "empty")
-        for column in _PROVENANCE:
-            if column in present and not str(record[column]).strip():
-                add(i, column, "missing provenance")
-        for metric in METRICS:
-            text = str(record[metric]).strip()
-            if status != "ok":
-                continue
-            try:
-                value = float(text)
-            except ValueError:
-                add(i, metric, f"expected a number, got {text[:40]!r}")
-                continue
-            if not 0.0 <= value <= 1.0:
-                add(i, metric, f"{value} is outside [0, 1]")
-        if status == "error" and not str(record["error"]).strip():
-            add(i, "error", "an error row must say why")
+        for column, message in _row_problems({str(k): _as_text(v) for k, v in record.items()}, present):
+            add(i, column, message)
     duplicated = frame.duplicated(KEY_COLUMNS, keep="first")
     for i in duplicated[duplicated].index[:MAX_PROBLEMS]:
         add(int(i), ",".join(KEY_COLUMNS), "duplicate key " + "/".join(str(frame.loc[i, c]) for c in KEY_COLUMNS))
     return problems
 
 
+def _as_text(value: Any) -> str:
+    """A cell as a CSV file holds it, so frames built in memory are judged like files: a missing value is empty."""
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
+
+
+def _row_problems(record: dict[str, str], present: list[str]) -> Iterator[tuple[str, str]]:
+    """(column, problem) for each problem of one row, its cells given as text."""
+    for column, text in record.items():
+        message = _cell_problem(column, text)
+        if message:
+            yield column, message
+    for column in _INT_COLUMNS:
+        message = _integer_problem(record[column])
+        if message:
+            yield column, message
+    version = record["schema_version"]
+    if version not in _SCHEMA_VERSIONS:
+        yield "schema_version", f"unsupported schema version {version[:20]!r}"
+        version = str(SCHEMA_VERSION)  # judge the rest by the current schema
+    elif any(c not in present for c, since in ADDED_IN.items() if since <= int(version)):
+        yield "schema_version", (f"schema version {version} needs the columns "
+                                 f"{', '.join(c for c, v in ADDED_IN.items() if v <= int(version))}")
+    if not re.match(_SOURCE_PATTERN, record["source"]):
+        yield "source", f"not a source name (mistakes, ood:NAME, adv:ATTACK:EPS:flipped|all): {record['source'][:60]!r}"
+    status = record["status"]
+    if status not in ("ok", "error"):
+        yield "status", f"must be ok or error, got {status[:20]!r}"
+    for column in ("benchmark", "model", "detector"):
+        if not record[column].strip():
+            yield column, "empty"
+    for column in _PROVENANCE:
+        # A row of an older version has no value for a column added later, also in a merged file that has it.
+        if column in present and ADDED_IN.get(column, 1) <= int(version) and not record[column].strip():
+            yield column, "missing provenance"
+    for metric in METRICS:
+        message = _metric_problem(record[metric], status)
+        if message:
+            yield metric, message
+    if status == "error" and not record["error"].strip():
+        yield "error", "an error row must say why"
+
+
+def _cell_problem(column: str, text: str) -> str | None:
+    """Why a cell of any column cannot be shown or opened safely, or None."""
+    control = _CONTROL.search(text)
+    if control:
+        return f"control character U+{ord(control.group()):04X}: a cell is one line of plain text"
+    if column in _TEXT_COLUMNS and _formula_like(text):
+        return (f"CSV injection: starts with {text[0]!r}, which spreadsheets run as a formula "
+                f"(prefix it with a single quote): {text[:40]!r}")
+    return None
+
+
+def _integer_problem(text: str) -> str | None:
+    """Why ``text`` is not an integer as oodbench writes it, or None.
+
+    One spelling per number: '00' beside '0' would be a second key for one seed, and a number beyond
+    int64 overflows where it is used.
+    """
+    if not re.fullmatch(r"[0-9]+", text):
+        return f"expected an integer, got {text[:40]!r}"
+    if len(text) > 1 and text.startswith("0"):
+        return f"expected an integer without leading zeros, got {text[:40]!r}"
+    if len(text) > len(str(_INT_LIMIT)) or int(text) >= _INT_LIMIT:
+        return f"{text[:40]} is out of range (at most 2**63 - 1)"
+    return None
+
+
+def _metric_problem(text: str, status: str) -> str | None:
+    """Why ``text`` is not the metric of a row with ``status``, or None: a number in [0, 1] when ok, empty on error."""
+    if status == "error":
+        return f"an error row has no metrics, got {text[:40]!r}" if text else None
+    if status != "ok":
+        return None  # the status itself is reported
+    if not _DECIMAL.fullmatch(text):
+        return f"expected a number, got {text[:40]!r}"
+    value = float(text)
+    return None if 0.0 <= value <= 1.0 else f"{value} is outside [0, 1]"
+
+
 def merge_frames(frames: list[pd.DataFrame], prefer: str | None = None) -> pd.DataFrame:
     """Combine result tables; identical duplicate rows collapse, conflicting ones are refused.
+
+    The frames must be valid (``read_valid_results``): only then is each seed spelled one way, so
+    equal keys compare equal as text, and small enough for int64.
 
     ``prefer="last"`` or ``"first"`` lets the later or earlier file win a conflict instead.
     """

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .cache import atomic_write
-from .leaderboard import SCORES_FILE, ScoreKey, _source_order, read_results, read_scores, summary_frame, validate_frame
+from .leaderboard import SCORES_FILE, ScoreKey, _source_order, read_scores, read_valid_results, summary_frame
 
 FORMATS = ("png", "svg")
 DPI = 100
@@ -70,11 +70,7 @@ def load_run(run_dir: Path) -> RunData:
     """
     run_dir = Path(run_dir)
     path = run_dir / "results.csv"
-    results = read_results(path)
-    problems = validate_frame(results, str(path))
-    if problems:
-        raise ValueError(f"{path} is not a valid results file ({len(problems)} problem(s); first: {problems[0]}); "
-                         "run 'oodbench leaderboard validate' on it")
+    results = read_valid_results(path)
     runs = results[["benchmark", "model"]].drop_duplicates()
     if len(runs) > 1:
         raise ValueError(f"{path} holds {len(runs)} (benchmark, model) pairs; a report covers the rows of one run")
