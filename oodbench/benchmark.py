@@ -91,31 +91,63 @@ class Benchmark:
 
 
 _TOP = {"name", "description", "default", "in_distribution", "model", "sources", "run"}
+_IN_DISTRIBUTION = {"dataset", "options", "labels_per_class"}
+_MODEL = {"plugin", "options"}
+_SOURCES = {"mistakes", "ood", "attack_subset", "attacks"}
+_OOD_TABLE = {"dataset", "name", "options"}
+_ATTACK = {"plugin", "eps", "options"}
 _RUN = {"seeds": 1, "batch_size": 256, "holdout_size": 1000, "holdout_fraction": 0.2, "test_subset": 0,
         "precision": "float32"}
 PRECISIONS = ("float32", "float64")
 
 
-def load_benchmark(path: Path) -> Benchmark:
-    path = Path(path)
+def _read(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The file's bytes (hashed into every row) and its TOML; BenchmarkError for anything unreadable."""
     try:
         raw_bytes = path.read_bytes()
-        raw = tomllib.loads(raw_bytes.decode("utf-8"))
     except FileNotFoundError:
         raise BenchmarkError(f"benchmark file not found: {path}") from None
+    except IsADirectoryError:
+        raise BenchmarkError(f"{path}: a folder, not a benchmark file (give the .toml file in it)") from None
+    except OSError as exc:
+        raise BenchmarkError(f"{path}: cannot read the benchmark file: {exc.strerror or exc}") from None
+    try:
+        return raw_bytes, tomllib.loads(raw_bytes.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BenchmarkError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise BenchmarkError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
+
+
+def load_benchmark(path: Path) -> Benchmark:
+    """Read and check a benchmark file; every mistake in it is a BenchmarkError naming the key.
+
+    Unknown keys are refused rather than ignored: a typo such as ``oods = [...]`` would otherwise
+    silently drop what it meant to define. Whether the named plugins exist is checked by the
+    caller, which holds the registry.
+    """
+    path = Path(path)
+    raw_bytes, raw = _read(path)
 
     def fail(where: str, message: str) -> BenchmarkError:
         return BenchmarkError(f"{path}: {where}: {message}")
 
-    unknown = set(raw) - _TOP
-    if unknown:
-        raise fail(", ".join(sorted(unknown)), f"unknown key; allowed: {', '.join(sorted(_TOP))}")
+    def known(value: dict, where: str, allowed: set[str]) -> dict:
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            keys = ", ".join(f"{where}.{k}" if where else k for k in unknown)
+            raise fail(keys, f"unknown key {', '.join(unknown)} in {where or 'the top level'}; "
+                             f"allowed: {', '.join(sorted(allowed))}")
+        return value
 
-    def table(value: Any, where: str) -> dict:
+    def table(value: Any, where: str, allowed: set[str] | None = None) -> dict:
         if not isinstance(value, dict):
             raise fail(where, "must be a table")
+        return value if allowed is None else known(value, where, allowed)
+
+    def array(value: Any, where: str) -> list:
+        if not isinstance(value, list):
+            raise fail(where, f"must be a list, got {type(value).__name__} {value!r}")
         return value
 
     def text(value: Any, where: str) -> str:
@@ -131,27 +163,31 @@ def load_benchmark(path: Path) -> Benchmark:
             raise fail(where, f"must be an integer >= {minimum}")
         return value
 
+    def flag(value: Any, where: str) -> bool:
+        if not isinstance(value, bool):
+            raise fail(where, "must be true or false")
+        return value
+
+    known(raw, "", _TOP)
     name = text(raw.get("name"), "name")
-    idd = table(raw.get("in_distribution"), "in_distribution")
-    unknown_idd = set(idd) - {"dataset", "options", "labels_per_class"}
-    if unknown_idd:
-        raise fail("in_distribution", f"unknown key {', '.join(sorted(unknown_idd))}; "
-                                      "allowed: dataset, options, labels_per_class")
-    model = table(raw.get("model"), "model")
-    sources = table(raw.get("sources", {}), "sources")
-    run = table(raw.get("run", {}), "run")
-    unknown_run = set(run) - set(_RUN)
-    if unknown_run:
-        raise fail("run", f"unknown key {', '.join(sorted(unknown_run))}; allowed: {', '.join(_RUN)}")
-    run = {**_RUN, **run}
+    # The name is a folder under ./oodbench-results and what --benchmark takes: one plain path component.
+    if name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise fail("name", f"must be a plain name (no '/', '\\', NUL, not '.' or '..'), got {name!r}")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise fail("description", "must be a string")
+    idd = table(raw.get("in_distribution"), "in_distribution", _IN_DISTRIBUTION)
+    model = table(raw.get("model"), "model", _MODEL)
+    sources = table(raw.get("sources", {}), "sources", _SOURCES)
+    run = {**_RUN, **table(raw.get("run", {}), "run", set(_RUN))}
 
     ood = []
-    for i, item in enumerate(sources.get("ood", [])):
+    for i, item in enumerate(array(sources.get("ood", []), "sources.ood")):
         where = f"sources.ood[{i}]"
         if isinstance(item, str):
-            ood.append(OODRef(item, item))
+            ood.append(OODRef(text(item, where), item))
         else:
-            item = table(item, where)
+            item = table(item, where, _OOD_TABLE)
             dataset = text(item.get("dataset"), f"{where}.dataset")
             ood.append(OODRef(text(item.get("name", dataset), f"{where}.name"), dataset, options(item.get("options"), f"{where}.options")))
     names = [o.name for o in ood]
@@ -160,34 +196,28 @@ def load_benchmark(path: Path) -> Benchmark:
         raise fail("sources.ood", f"duplicate source names {duplicates}: give each a distinct 'name'")
 
     attacks = []
-    for i, item in enumerate(sources.get("attacks", [])):
+    for i, item in enumerate(array(sources.get("attacks", []), "sources.attacks")):
         where = f"sources.attacks[{i}]"
-        item = table(item, where)
+        item = table(item, where, _ATTACK)
         eps = item.get("eps")
         if not isinstance(eps, list) or not eps or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and 0 < e <= 1 for e in eps):
             raise fail(f"{where}.eps", "must be a non-empty list of numbers in (0, 1] (pixel units)")
         attacks.append(AttackRef(text(item.get("plugin"), f"{where}.plugin"), tuple(float(e) for e in eps), options(item.get("options"), f"{where}.options")))
 
     fraction = run["holdout_fraction"]
-    if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         raise fail("run.holdout_fraction", "must be a number in [0, 1)")
-    if run["precision"] not in PRECISIONS:
+    if not isinstance(run["precision"], str) or run["precision"] not in PRECISIONS:
         raise fail("run.precision", f"must be one of {', '.join(PRECISIONS)}, got {run['precision']!r}")
-    mistakes = sources.get("mistakes", True)
-    if not isinstance(mistakes, bool):
-        raise fail("sources.mistakes", "must be true or false")
-    default = raw.get("default", False)
-    if not isinstance(default, bool):
-        raise fail("default", "must be true or false")
 
     return Benchmark(
         name=name,
-        description=str(raw.get("description", "")),
+        description=description,
         path=path,
         sha256=hashlib.sha256(raw_bytes).hexdigest(),
         in_distribution=PluginRef(text(idd.get("dataset"), "in_distribution.dataset"), options(idd.get("options"), "in_distribution.options")),
         model=PluginRef(text(model.get("plugin"), "model.plugin"), options(model.get("options"), "model.options")),
-        mistakes=mistakes,
+        mistakes=flag(sources.get("mistakes", True), "sources.mistakes"),
         ood=tuple(ood),
         attacks=tuple(attacks),
         attack_subset=integer(sources.get("attack_subset", 0), "sources.attack_subset", 0),
@@ -196,7 +226,7 @@ def load_benchmark(path: Path) -> Benchmark:
         holdout_size=integer(run["holdout_size"], "run.holdout_size", 0),
         holdout_fraction=float(fraction),
         test_subset=integer(run["test_subset"], "run.test_subset", 0),
-        default=default,
+        default=flag(raw.get("default", False), "default"),
         labels_per_class=integer(idd.get("labels_per_class", 0), "in_distribution.labels_per_class", 0),
         precision=run["precision"],
     )

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import json
 import os
 import sys
@@ -10,9 +11,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, preflight
+from .cache_cli import add_parser as add_cache_parser
 
 EXIT_USAGE = 2
+#: 128 + SIGPIPE: what a shell reports for a tool that its reader stopped reading (``... | head``).
+EXIT_BROKEN_PIPE = 141
+METRICS = ("auroc", "aupr_in", "aupr_out", "fpr_at_95tpr", "detection_error", "mannwhitney_p")
+#: OSErrors that mean a path given by the user is wrong (exit 2), not that the machine failed (exit 1).
+_BAD_PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
+                    errno.ENAMETOOLONG, errno.EEXIST, errno.ELOOP, errno.EINVAL}
 
 
 def parse_detectors(text: str) -> list[Any]:
@@ -41,6 +49,9 @@ def parse_detectors(text: str) -> list[Any]:
             continue
         depth += {"[": 1, "]": -1, "(": 1, ")": -1}.get(char, 0)
         current += char
+    if depth:  # the last item swallowed every comma after the stray bracket
+        item = current[:-1].strip()
+        raise ValueError(f"detector '{item}': unbalanced brackets; write options as name[key=value,...]")
     return specs
 
 
@@ -90,22 +101,26 @@ def _find_benchmark(registry, name_or_path: str | None):
     return load_benchmark(registry.get("benchmarks", name_or_path).target)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from .cache import default_cache_dir
-    from .leaderboard import pivot_table, results_frame, write_run
-    from .runner import RunOptions, choose_device, run_benchmark
+# -- checks made before any work ---------------------------------------------------------
+# Bad input must fail in the first seconds with one line, not after hours of training or as error rows
+# of a finished run. None of these checks creates anything: a refused command leaves no trace.
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .leaderboard import pivot_table, results_frame, write_run
+    from .runner import RunOptions, run_benchmark
+
+    preflight.check_counts(args)
+    device = preflight.device(args.device)
     registry = _registry(args)
     bench = _find_benchmark(registry, args.benchmark)
-    specs = parse_detectors(args.detectors) if args.detectors else parse_detectors(",".join(registry.names("detectors")))
-    if not specs:
-        raise ValueError("no detectors to run")
-    n_seeds = args.seeds or bench.seeds
-    out = Path(args.out or Path("oodbench-results") / bench.name)
+    specs = preflight.detector_specs(registry, args.detectors)
+    seeds = preflight.seeds(args, bench)
+    preflight.check_plugins(registry, bench, seeds[0])
+    out = preflight.path_option("--out", args.out) if args.out is not None else Path("oodbench-results") / bench.name
+    preflight.check_writable("--out", out, folder=True)
     opts = RunOptions(
-        benchmark=bench, detectors=specs, seeds=list(range(args.first_seed, args.first_seed + n_seeds)),
-        cache_dir=None if args.no_cache else Path(args.cache_dir or default_cache_dir()),
-        data_dir=Path(args.data_dir).expanduser(), device=choose_device(args.device),
+        benchmark=bench, detectors=specs, seeds=seeds, cache_dir=preflight.cache_dir(args),
+        data_dir=Path(args.data_dir).expanduser(), device=device,
         batch_size=args.batch_size, progress=not args.quiet, bf16=args.bf16, channels_last=args.channels_last,
     )
     if (args.bf16 or args.channels_last) and opts.device.type != "cuda" and not args.quiet:
@@ -117,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.quiet:
         accuracy = ", ".join(f"{m['test_accuracy']:.3f}" for m in result.meta["per_seed"])
         print(f"{bench.name}: {bench.model.plugin}, test accuracy {accuracy}; "
-              f"{len(specs)} detectors x {frame['source'].nunique()} sources x {n_seeds} seed(s); "
+              f"{len(specs)} detectors x {frame['source'].nunique()} sources x {len(seeds)} seed(s); "
               f"{result.meta['wall_seconds']:.1f} s")
         print(f"\n{args.metric} (mean ± std over seeds; best per source in bold)\n")
         print(pivot_table(frame, args.metric))
@@ -134,35 +149,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
     from tabulate import tabulate
 
-    from .cache import atomic_write, default_cache_dir
-    from .runner import RunOptions, choose_device, train_classifiers
+    from .cache import atomic_write
+    from .runner import RunOptions, train_classifiers
 
-    if args.export:  # refused before any training, not after hours of it
-        folder = Path(args.export).parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise ValueError(f"--export {args.export}: the folder {folder} does not exist or is not writable")
+    preflight.check_counts(args)
+    device = preflight.device(args.device)
     registry = _registry(args)
     bench = _find_benchmark(registry, args.benchmark)
-    n_seeds = args.seeds or bench.seeds
+    seeds = preflight.seeds(args, bench)
+    preflight.check_plugins(registry, bench, seeds[0])
+    exports = preflight.export_targets(args.export, seeds)
     opts = RunOptions(
-        benchmark=bench, detectors=[], seeds=list(range(args.first_seed, args.first_seed + n_seeds)),
-        cache_dir=Path(args.cache_dir or default_cache_dir()), data_dir=Path(args.data_dir).expanduser(),
-        device=choose_device(args.device), batch_size=args.batch_size, progress=not args.quiet,
+        benchmark=bench, detectors=[], seeds=seeds, cache_dir=preflight.cache_dir(args),
+        data_dir=Path(args.data_dir).expanduser(), device=device, batch_size=args.batch_size, progress=not args.quiet,
     )
     trained = train_classifiers(opts, registry)
     rows = [[t["seed"], t["model"], f"{t['test_accuracy']:.4f}", "cache" if t["cached"] else f"{t['seconds']:.1f} s",
              t["file"]] for t in trained]
     print(tabulate(rows, headers=["seed", "model", "test accuracy", "from", "weights"]))
-    if args.export and "{seed}" in args.export:
-        for t in trained:
-            path = Path(args.export.format(seed=t["seed"]))
+    if exports and "{seed}" in args.export:
+        for t, path in zip(trained, exports):  # both in the order of `seeds`
             atomic_write(path, lambda f, state=t["state_dict"]: torch.save({"state_dict": state}, f))
             print(f"wrote {path} (a state dict: give it to the model's 'checkpoint' option where it has one)")
-    elif args.export:
+    elif exports:
         # One file for every seed: what a benchmark ships so that each seed's classifier is the same everywhere.
         bundle = {"seeds": {str(t["seed"]): t["state_dict"] for t in trained}}
-        atomic_write(Path(args.export), lambda f: torch.save(bundle, f))
-        print(f"wrote {args.export} (seeds {', '.join(bundle['seeds'])}; sha256 {_sha256(Path(args.export))}: "
+        atomic_write(exports[0], lambda f: torch.save(bundle, f))
+        print(f"wrote {exports[0]} (seeds {', '.join(bundle['seeds'])}; sha256 {_sha256(exports[0])}: "
               "give both to the model's 'weights'/'weights_sha256' options where it has them)")
     return 0
 
@@ -215,12 +228,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_leaderboard_validate(args: argparse.Namespace) -> int:
     from .leaderboard import read_results, validate_frame
 
+    files = [preflight.results_file(path) for path in args.files]  # a folder or a typo is a usage error: exit 2
     failed = False
-    for path in args.files:
+    for path in files:
         try:
-            problems = validate_frame(read_results(Path(path)), str(path))
+            problems = validate_frame(read_results(path), str(path))
         except ValueError as exc:
             problems = [str(exc)]
+        except OSError as exc:  # present but unreadable (permissions): a problem of this file
+            problems = [f"{path}: cannot read: {exc.strerror or exc}"]
         for problem in problems:
             print(problem)
         print(f"{path}: {'ok' if not problems else f'{len(problems)} problem(s)'}", file=sys.stderr)
@@ -229,39 +245,34 @@ def cmd_leaderboard_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard_merge(args: argparse.Namespace) -> int:
-    from .cache import atomic_write
-    from .leaderboard import merge_frames, read_results, validate_frame
+    from .leaderboard import merge_frames, read_valid_results, write_results_csv
 
-    frames = []
-    for path in args.files:
-        frame = read_results(Path(path))
-        problems = validate_frame(frame, str(path))
-        if problems:
-            raise ValueError(f"{path} is not a valid results file ({len(problems)} problems; first: {problems[0]}); "
-                             "run 'oodbench leaderboard validate' on it")
-        frames.append(frame)
+    out = preflight.path_option("--out", args.out)
+    preflight.check_writable("--out", out, folder=False)
+    frames = [read_valid_results(path) for path in map(preflight.results_file, args.files)]
     merged = merge_frames(frames, args.prefer)
-    atomic_write(Path(args.out), lambda f: merged.to_csv(f, index=False, lineterminator="\n"), mode="w")
-    print(f"wrote {args.out} ({len(merged)} rows from {len(frames)} files)")
+    write_results_csv(out, merged)
+    print(f"wrote {out} ({len(merged)} rows from {len(frames)} files)")
     return 0
 
 
 def cmd_leaderboard_verify(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from .cache import default_cache_dir
     from .leaderboard import results_frame
-    from .runner import RunOptions, choose_device, run_benchmark
+    from .runner import RunOptions, run_benchmark
     from .verify import compare, load_published, parse_filters, parse_tolerances, rerun_specs
 
     tolerances = parse_tolerances(args.tolerance)
+    device = preflight.device(args.device)
     published = load_published(Path(args.folder), parse_filters(args.rows))
     registry = _registry(args)
     specs, seeds = rerun_specs(published)
+    preflight.check_detectors(registry, specs)
+    preflight.check_plugins(registry, published.benchmark, seeds[0])
     opts = RunOptions(
-        benchmark=published.benchmark, detectors=specs, seeds=seeds,
-        cache_dir=None if args.no_cache else Path(args.cache_dir or default_cache_dir()),
-        data_dir=Path(args.data_dir).expanduser(), device=choose_device(args.device), progress=not args.quiet,
+        benchmark=published.benchmark, detectors=specs, seeds=seeds, cache_dir=preflight.cache_dir(args),
+        data_dir=Path(args.data_dir).expanduser(), device=device, progress=not args.quiet,
     )
     print(f"verifying {len(published.rows)} rows of {args.folder} ({len(specs)} detectors, seeds "
           f"{', '.join(map(str, seeds))}) against a re-run of {published.benchmark.path}", file=sys.stderr)
@@ -284,9 +295,9 @@ def cmd_leaderboard_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard_show(args: argparse.Namespace) -> int:
-    from .leaderboard import pivot_table, read_results
+    from .leaderboard import pivot_table, read_valid_results
 
-    print(pivot_table(read_results(Path(args.file)), args.metric, args.format))
+    print(pivot_table(read_valid_results(preflight.results_file(args.file)), args.metric, args.format))
     return 0
 
 
@@ -402,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("kind", nargs="?", choices=["datasets", "models", "attacks", "detectors", "benchmarks"])
     lst.add_argument("--json", action="store_true", help="machine-readable output")
     lst.set_defaults(func=cmd_list)
+    add_cache_parser(sub)
     return parser
 
 
@@ -410,19 +422,33 @@ def main(argv: list[str] | None = None) -> int:
     from .benchmark import BenchmarkError
     from .plugins import PluginLoadError, UnknownPluginError
 
+    # Warnings (a cache entry set aside, a plugin's) as one line each, like our errors, without Python's source line.
+    warnings.formatwarning = lambda message, category, *_, **__: f"oodbench: warning: {message}\n"
     args = build_parser().parse_args(argv)
-    if args.command == "run" and args.metric not in ("auroc", "aupr_in", "aupr_out", "fpr_at_95tpr",
-                                                     "detection_error", "mannwhitney_p"):
-        print(f"oodbench: unknown metric '{args.metric}'", file=sys.stderr)
+    if args.command == "run" and args.metric not in METRICS:
+        print(f"oodbench: error: --metric {args.metric}: unknown metric; expected one of {', '.join(METRICS)}",
+              file=sys.stderr)
         return EXIT_USAGE
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader gone away shows here, in the handler below, not as a warning at exit
+        return code
+    except BrokenPipeError:
+        # The reader stopped reading (`oodbench leaderboard show F | head -1`): nothing went wrong here. Exit
+        # as a tool killed by SIGPIPE does (141), so that `set -o pipefail` treats us like any other tool, and
+        # point stdout at devnull so that the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (UnknownPluginError, BenchmarkError, ValueError, PluginLoadError) as exc:
         print(f"oodbench: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except PluginError as exc:
         print(f"oodbench: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a path the checks could not foresee (e.g. a pseudo-filesystem that refuses writes)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"oodbench: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.errno in _BAD_PATH_ERRNOS else 1
     except KeyboardInterrupt:
         print("oodbench: interrupted; finished tasks are cached, run the same command to resume", file=sys.stderr)
         return 130

@@ -1,0 +1,286 @@
+"""Checks of a command's input before any work: counts, seeds, device, detectors, plugins, paths.
+
+Each raises ``ValueError`` (or the registry's ``UnknownPluginError``) with one line naming the
+option or key, the value and what was expected; the CLI turns that into exit 2. They run before
+any training or extraction and create nothing, so a typo costs seconds, not a run.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import stat
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+#: Seeds go to numpy, torch and scikit-learn generators, some of which take only 32-bit seeds.
+SEED_LIMIT = 2**31
+#: Kernel filesystems whose folders pass os.access for root but take no new files.
+_KERNEL_FILESYSTEMS = {"proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "configfs",
+                       "pstore", "bpf", "devpts", "efivarfs", "binfmt_misc", "fusectl", "mqueue"}
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """--seeds and --batch-size of 0 would silently mean 'the benchmark's', and negatives would run nothing."""
+    for option, value, minimum in (("--seeds", args.seeds, 1), ("--batch-size", args.batch_size, 1),
+                                   ("--first-seed", args.first_seed, 0)):
+        if value is not None and value < minimum:
+            raise ValueError(f"{option} {value}: must be an integer >= {minimum}")
+
+
+def seeds(args: argparse.Namespace, bench) -> list[int]:
+    n = args.seeds if args.seeds is not None else bench.seeds
+    if args.first_seed + n > SEED_LIMIT:
+        raise ValueError(f"--first-seed {args.first_seed} with {n} seed(s): the last seed, {args.first_seed + n - 1}, "
+                         f"must be below 2**31 ({SEED_LIMIT})")
+    return list(range(args.first_seed, args.first_seed + n))
+
+
+def device(name: str):
+    """The torch device --device names, refused when torch cannot parse it or this machine has none of it."""
+    import torch
+
+    from .runner import choose_device
+
+    if name == "auto":
+        return choose_device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {name!r}: not a device name; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        raise ValueError(f"--device {name}: torch sees no {device.type} device on this machine")
+    count = backend.device_count() if callable(getattr(backend, "device_count", None)) else 1
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {name}: torch sees {count} {device.type} device(s), numbered from 0")
+    return device
+
+
+def detector_specs(registry, text: str | None) -> list[Any]:
+    """The detectors to run (every installed one when none are named); each label once, since rows are keyed by it."""
+    from .cli import parse_detectors  # the command line's syntax, kept beside the parser that documents it
+
+    specs = parse_detectors(",".join(registry.names("detectors")) if text is None else text)
+    if not specs:
+        raise ValueError(f"--detectors {text!r}: no detectors to run" if text is not None else "no detectors to run")
+    labels = [s.label for s in specs]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ValueError(f"--detectors {text}: {', '.join(repeated)} given more than once; results are keyed by "
+                         "the detector label, so each must be distinct (give the repeats different options)")
+    check_detectors(registry, specs)
+    return specs
+
+
+def check_detectors(registry, specs: list[Any]) -> None:
+    from .plugins import resolve_options
+
+    for spec in specs:
+        entry = registry.get("detectors", spec.name)
+        resolve_options(entry, spec.options)
+        _check_option_types(entry, spec.options, f"detector '{spec.label}'")
+
+
+def check_plugins(registry, bench, seed: int) -> None:
+    """Every plugin the benchmark names is installed and takes its options.
+
+    Unchecked, an unknown OOD dataset or attack becomes error rows of an otherwise finished run, and an
+    option of the wrong type a traceback after training. Constructors only store and check their options,
+    so building each plugin once here is cheap.
+    """
+    idd, model = bench.in_distribution, bench.model
+    uses = [("datasets", idd.plugin, idd.options, f"in_distribution dataset '{idd.plugin}'"),
+            ("models", model.plugin, model.options, f"model '{model.plugin}'")]
+    uses += [("datasets", ref.dataset, ref.options, f"sources.ood '{ref.name}' (dataset '{ref.dataset}')")
+             for ref in bench.ood]
+    uses += [("attacks", ref.plugin, ref.options, f"sources.attacks[{i}] (attack '{ref.plugin}')")
+             for i, ref in enumerate(bench.attacks)]
+    for kind, name, options, where in uses:
+        # The runner builds models without a seed, datasets and attacks with the seed of the run.
+        _check_plugin(registry, kind, name, options, None if kind == "models" else seed,
+                      f"benchmark {bench.name}: {where}")
+
+
+def _check_plugin(registry, kind: str, name: str, options: dict[str, Any], seed: int | None, where: str) -> None:
+    from .api import MissingDataError, PluginError
+    from .plugins import UnknownPluginError, instantiate
+
+    try:
+        entry = registry.get(kind, name)
+    except UnknownPluginError as exc:
+        raise UnknownPluginError(f"{where}: {exc}") from None
+    _check_option_types(entry, options, where)
+    try:
+        instantiate(entry, options, seed)
+    except UnknownPluginError as exc:  # an option name the constructor does not take
+        raise UnknownPluginError(f"{where}: {exc}") from None
+    except MissingDataError:
+        raise  # data missing from this machine is not a mistake in the benchmark: exit 1, as at run time
+    except (TypeError, ValueError, PluginError) as exc:
+        raise ValueError(f"{where}: options {options}: {exc}") from None
+    except Exception as exc:  # a constructor that chokes on its options without saying so: still these options
+        raise ValueError(f"{where}: options {options}: {type(exc).__name__}: {exc}") from None
+
+
+def _check_option_types(entry, options: dict[str, Any], what: str) -> None:
+    """Options that contradict the constructor's annotations, caught before a plugin fails on them mid-run.
+
+    Only plain annotations (int, float, bool, str, lists and tuples of them, unions, Literal) are checked;
+    others are left to the plugin.
+    """
+    hints = _annotations(entry.target)
+    for key, value in options.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise ValueError(f"{what}: option {key} = {value!r}: expected {_type_name(hints[key])}")
+
+
+def _annotations(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls.__init__)
+    except Exception:  # a plugin's annotation that cannot be resolved: nothing to check against, not an error
+        return {}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    if hint in (int, float):  # bool is an int to Python, never to a user; an int is a fine float
+        return not isinstance(value, bool) and isinstance(value, (int,) if hint is int else (int, float))
+    if hint in (list, tuple) or origin in (list, tuple):  # TOML has no tuples: a list stands for one
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def path_option(option: str, value: str) -> Path:
+    if not value:  # Path("") is the current folder: never what an empty argument meant
+        raise ValueError(f"{option}: empty; expected a path")
+    return Path(value)
+
+
+def cache_dir(args: argparse.Namespace) -> Path | None:
+    """The cache folder; checked now, since a file there would otherwise fail the first store, after training."""
+    from .cache import default_cache_dir
+
+    if getattr(args, "no_cache", False):
+        return None
+    if args.cache_dir is not None:
+        option, path = "--cache-dir", path_option("--cache-dir", args.cache_dir)
+    else:
+        option = "OODBENCH_CACHE_DIR" if os.environ.get("OODBENCH_CACHE_DIR") else "the user cache folder"
+        path = default_cache_dir()
+    check_writable(option, path, folder=True)
+    return path
+
+
+def check_writable(option: str, path: Path, folder: bool) -> None:
+    """``path`` can be written at the end: as a folder (made with its parents) or as a file (via a temporary
+    file beside it). An existing path must be of that kind; otherwise its nearest existing parent must be a
+    writable folder and the names still to be made must fit the filesystem.
+    """
+    existing, mode = _nearest_existing(option, path)
+    if existing == path:
+        if folder != stat.S_ISDIR(mode):
+            raise ValueError(f"{option} {path}: " + ("a file, expected a folder" if folder else
+                                                     "a folder, expected a file name"))
+        _check_takes_files(option, path, path if folder else path.parent)
+        return
+    if not stat.S_ISDIR(mode):
+        raise ValueError(f"{option} {path}: {existing} is a file, so nothing can be made under it")
+    _check_takes_files(option, path, existing)
+    _check_names(option, path, existing)
+
+
+def _check_takes_files(option: str, path: Path, folder: Path) -> None:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: the folder {folder} is not writable")
+    # os.access says yes to root everywhere, kernel filesystems included, where creating a file then fails.
+    kind = _filesystem_type(folder)
+    if kind in _KERNEL_FILESYSTEMS:
+        raise ValueError(f"{option} {path}: the folder {folder} is on the kernel's {kind} filesystem, "
+                         "which takes no new files")
+
+
+def _filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding ``path``, from /proc/self/mountinfo; None where that is unknown."""
+    try:
+        device = path.stat().st_dev
+        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    for line in mounts:  # "id parent major:minor root mountpoint options ... - type source options"
+        fields, _, tail = line.partition(" - ")
+        if fields.split()[2:3] == [wanted] and tail:
+            return tail.split()[0]
+    return None
+
+
+def _nearest_existing(option: str, path: Path) -> tuple[Path, int]:
+    """The path itself or its nearest existing parent, with its stat mode."""
+    for candidate in (path, *path.parents):
+        try:
+            return candidate, candidate.stat().st_mode
+        except OSError as exc:
+            # Missing, under a file, or a name too long to exist: look further up (names are checked after).
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+                raise ValueError(f"{option} {path}: cannot look at {candidate}: {exc.strerror}") from None
+    raise ValueError(f"{option} {path}: no part of it exists (was the current folder removed?)")
+
+
+def _check_names(option: str, path: Path, existing: Path) -> None:
+    """The names still to be created fit the filesystem (else ENAMETOOLONG when the results are written)."""
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for name in path.relative_to(existing).parts:
+        if len(os.fsencode(name)) > limit:
+            raise ValueError(f"{option}: the name '{name[:40]}...' is {len(os.fsencode(name))} bytes long; "
+                             f"names on this filesystem are at most {limit} bytes")
+
+
+def export_targets(export: str | None, seeds: list[int]) -> list[Path]:
+    """The files --export will write, refused before any training, not after hours of it."""
+    if not export:
+        return []
+    try:
+        paths = [Path(export.format(seed=s)) for s in seeds] if "{seed}" in export else [Path(export)]
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise ValueError(f"--export {export}: only '{{seed}}' may stand in braces ({type(exc).__name__}: {exc}); "
+                         "write a literal brace twice") from None
+    for path in paths:
+        check_writable("--export", path, folder=False)
+        if not path.parent.is_dir():
+            raise ValueError(f"--export {path}: the folder {path.parent} does not exist or is not writable")
+    return paths
+
+
+def results_file(path: str) -> Path:
+    """A results CSV named on the command line; a folder or a missing file is a usage error, not a traceback."""
+    file = path_option("results file", path)
+    if file.is_dir():
+        raise ValueError(f"{file}: a folder, expected a results CSV file (such as {file / 'results.csv'})")
+    if not file.is_file():
+        raise ValueError(f"{file}: no such file")
+    return file
