@@ -56,6 +56,13 @@ class MissingDataError(PluginError):
 # --------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------
+def read_only(array: np.ndarray) -> np.ndarray:
+    """A view of ``array`` that cannot be written through (the data are not copied)."""
+    view = np.asarray(array).view()
+    view.flags.writeable = False
+    return view
+
+
 @dataclass(frozen=True, eq=False)
 class ImageSet:
     """A set of images, NCHW in [0, 1] pixel space (``uint8`` means value/255), with optional labels.
@@ -70,6 +77,11 @@ class ImageSet:
     num_classes: int | None = None
 
     def __post_init__(self) -> None:
+        # Plugins receive these arrays and the core shares them between detectors and the cache: read-only
+        # views, so a plugin that writes into them fails on its own instead of changing others' numbers.
+        object.__setattr__(self, "x", read_only(self.x))
+        if self.y is not None:
+            object.__setattr__(self, "y", read_only(self.y))
         if self.x.ndim != 4:
             raise PluginError(f"{self.name}: images must be NCHW, got shape {self.x.shape}")
         if self.x.dtype not in (np.uint8, np.float32):
@@ -85,8 +97,8 @@ class ImageSet:
         return tuple(self.x.shape[1:])  # type: ignore[return-value]
 
     def tensor(self, index: slice | np.ndarray = slice(None)) -> torch.Tensor:
-        """Images ``index`` as a float32 tensor in [0, 1]."""
-        batch = torch.from_numpy(np.ascontiguousarray(self.x[index]))
+        """Images ``index`` as a float32 tensor in [0, 1], a copy the caller may modify."""
+        batch = torch.from_numpy(np.array(self.x[index]))
         if batch.dtype == torch.uint8:
             return batch.float().div_(255.0)
         return batch
@@ -447,9 +459,11 @@ class SplitView:
         self.name = name
         #: content key of (classifier, inputs); the core uses it to cache scores
         self.key = key
-        self._logits, self._features, self._images, self._labels = logits, features, images, labels
+        # Read-only views: every detector of the run reads the same arrays (see ImageSet).
+        self._logits, self._features = read_only(logits), read_only(features)
+        self._images, self._labels = images, None if labels is None else read_only(labels)
         self._allowed = allowed
-        self._layers = layers
+        self._layers = None if layers is None else [read_only(layer) for layer in layers]
 
     def __len__(self) -> int:
         return len(self._logits)

@@ -242,7 +242,7 @@ class _SeedRun:
 
         def run_attack() -> dict[str, np.ndarray]:
             generator = torch.Generator().manual_seed(self.seed)
-            labels = torch.from_numpy(clean.y)
+            labels = torch.tensor(clean.y)
             chunks = []
             step = self.batch_size * 4
             with handle.activity(f"attack:{attack_name}:{eps:g}"), self._shared_precision(handle):
@@ -562,7 +562,8 @@ def run_benchmark(opts: RunOptions, registry: Registry) -> RunResult:
         "detectors": [{"label": s.label, "name": s.name, "options": s.options} for s in opts.detectors],
         "seeds": opts.seeds,
         "device": str(opts.device),
-        "cache": {"dir": str(opts.cache_dir) if opts.cache_dir else None, "hits": cache.hits, "misses": cache.misses},
+        "cache": {"dir": str(opts.cache_dir) if opts.cache_dir else None, "hits": cache.hits, "misses": cache.misses,
+                  "quarantined": cache.quarantined},
         "wall_seconds": time.perf_counter() - started,
         "per_seed": per_seed,
     }

@@ -167,12 +167,27 @@ class Peeker(Detector):
         return view.features.sum(1)
 
 
+class Mutator(Detector):
+    """Writes into the arrays it is handed, which every other detector of the run shares."""
+
+    name = "mutator"
+    needs = frozenset({"logits", "features"})
+
+    def fit(self, ctx):
+        ctx.train.features[:] = 0.0
+
+    def score(self, view):
+        view.logits[:, 0] = 100.0
+        return view.logits.max(1).astype(float)
+
+
 class Broken:
     @hookimpl
     def oodbench_register_detectors(self, register):
         register(Flaky)
         register(Unfittable)
         register(Peeker)
+        register(Mutator)
 
 
 def test_a_failing_detector_marks_only_its_own_rows(shared_cache):
@@ -202,3 +217,15 @@ def test_seeds_repeat_the_random_parts(registry, shared_cache, tmp_path):
     assert row["auroc_mean"] == pytest.approx(values.mean(), abs=1e-6)
     assert row["auroc_std"] == pytest.approx(values.std(ddof=1), abs=1e-6)
     assert list(pd.read_csv(files["results"]).columns) == RESULT_COLUMNS
+
+
+def test_a_detector_that_writes_into_shared_arrays_fails_alone(registry, shared_cache, tmp_path):
+    """Arrays handed to plugins are read-only: the mutator's rows are errors, msp's equal a clean run's."""
+    broken = build_registry(extra_plugins=[Broken()], strict=True)
+    result = run_benchmark(_options(broken, "mutator,msp", tmp_path / "cache"), broken)
+    frame = results_frame(result.rows).set_index(["detector", "source"])
+    assert (frame.loc["mutator", "status"] == "error").all()
+    assert frame.loc["mutator", "error"].str.contains("read-only").all()
+    clean = results_frame(run_benchmark(_options(registry, "msp", shared_cache), registry).rows)
+    mine = frame.loc["msp"].reset_index()
+    assert mine[["source", "auroc", "fpr_at_95tpr"]].equals(clean[["source", "auroc", "fpr_at_95tpr"]])

@@ -13,7 +13,7 @@ def to_format(x: np.ndarray, image_shape: tuple[int, int, int]) -> np.ndarray:
     1 channel -> 3 by repetition. Size: antialiased bilinear resize of the whole image.
     """
     c, h, w = image_shape
-    t = torch.from_numpy(np.ascontiguousarray(x)).float()
+    t = torch.tensor(x, dtype=torch.float32)  # a copy: x may be a read-only ImageSet array
     if t.shape[1] == 3 and c == 1:
         t = (t * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
     elif t.shape[1] == 1 and c == 3:

@@ -47,7 +47,7 @@ class _EMOptions:
             raise PluginError(f"{self.name}: init must be one of {_INITS}, got {self.init!r}")
 
     def _tensor(self, x: np.ndarray, device: torch.device) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x)).to(device, _DTYPES[self.dtype])
+        return torch.tensor(x, dtype=_DTYPES[self.dtype], device=device)  # a copy: views are read-only
 
     def _fit(self, x: torch.Tensor, progress: Any, label: str) -> DiagonalGMM:
         k = _components(self.k, len(x))

@@ -105,7 +105,7 @@ class DiagonalGMM:
 
     def log_likelihood(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """log p(x) per row of ``x`` (N x D), computed in the mixture's dtype on its device."""
-        x = torch.as_tensor(x).to(self.means.device, self.means.dtype)
+        x = (x if isinstance(x, torch.Tensor) else torch.tensor(x)).to(self.means.device, self.means.dtype)
         terms = _ComponentTerms(self.weights, self.means, self.variances)
         with full_precision_matmuls():
             parts = [

@@ -46,7 +46,7 @@ def odin_scores(model: ClassifierHandle, images: torch.Tensor, temperature: floa
 
 def fgsm(model: ClassifierHandle, images: torch.Tensor, labels: np.ndarray, epsilon: float) -> torch.Tensor:
     """FGSM (Goodfellow et al. 2015) in pixel space: clip(x + eps * sign(grad_x CE(f(x), y)), 0, 1)."""
-    targets = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    targets = torch.tensor(labels, dtype=torch.long)  # a copy: views are read-only
     grad = model.input_gradient(
         images, lambda logits, features, y: torch.nn.functional.cross_entropy(logits, y, reduction="none"),
         targets=targets)

@@ -302,7 +302,7 @@ class PixelCNNPP(Detector):
             net = PixelCNNNet(channels, hp["nr_resnet"], hp["nr_filters"], hp["nr_logistic_mix"], hp["dropout"])
             self.net = net.to(ctx.device)
             shuffle = torch.Generator().manual_seed(self.seed)
-            data = torch.from_numpy(levels).to(ctx.device)
+            data = torch.tensor(levels, device=ctx.device)  # a copy: images are read-only
             optimizer = torch.optim.Adam(net.parameters(), lr=hp["lr"])
             schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, LR_DECAY)
             dims = math.prod(levels.shape[1:])
@@ -337,7 +337,7 @@ class PixelCNNPP(Detector):
         out = []
         with torch.inference_mode():
             for start in range(0, len(levels), batch_size):
-                batch = torch.from_numpy(levels[start:start + batch_size]).to(self.device).float() / 127.5 - 1.0
+                batch = torch.tensor(levels[start:start + batch_size], device=self.device).float() / 127.5 - 1.0
                 log_p = discretized_logistic_mix_log_prob(batch, self.net(batch), self.hparams["nr_logistic_mix"])
                 out.append(log_p.double().sum((1, 2)).cpu().numpy())
         return np.concatenate(out) if out else np.empty(0)

@@ -108,7 +108,7 @@ def train_sgd(network: nn.Module, train: ImageSet, *, seed: int, device: torch.d
     """
     torch.manual_seed(seed)  # dropout draws from the global generators
     generator = torch.Generator().manual_seed(seed)
-    labels = torch.from_numpy(train.y).long()
+    labels = torch.tensor(train.y, dtype=torch.long)
     network.to(device).train()
     optimiser = torch.optim.SGD(network.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     resumed = _resume(resume_dir, network, optimiser, generator, progress)
@@ -167,7 +167,7 @@ def train_adam(network: nn.Module, train: ImageSet, *, seed: int, device: torch.
                progress: Callable[[str], None], epochs: int, lr: float, batch_size: int) -> None:
     """Adam on cross-entropy, ``epochs`` passes in shuffled mini-batches (seeded), no augmentation; leaves eval mode."""
     generator = torch.Generator().manual_seed(seed)
-    x, y = train.tensor(), torch.from_numpy(train.y)
+    x, y = train.tensor(), torch.tensor(train.y)
     network.to(device).train()
     optimiser = torch.optim.Adam(network.parameters(), lr=lr)
     for epoch in range(epochs):
@@ -240,7 +240,7 @@ def train_temporal_ensembling(network: nn.Module, train: ImageSet, *, seed: int,
     if len(train) < batch_size:
         raise PluginError(f"temporal ensembling trains on full mini-batches of {batch_size}, "
                           f"but the training split has only {len(train)} images")
-    labels = torch.from_numpy(train.y).long()
+    labels = torch.tensor(train.y, dtype=torch.long)
     labelled = labels != UNLABELED
     if not labelled.any():
         raise PluginError("temporal ensembling needs at least one labelled training image")
