@@ -346,7 +346,7 @@ class _SeedRun:
                             self.progress.status(f"fitting {spec.label}") as say:
                         ctx.progress = say
                         detector.fit(ctx)
-                except Exception as exc:
+                except PLUGIN_FAILURES as exc:
                     state["fit_error"] = _FitFailed(f"fit failed: {_describe(exc)}")
                     raise state["fit_error"] from exc
                 finally:
@@ -391,7 +391,7 @@ class _SeedRun:
                 else:
                     self.scores[(spec.label, source.name, self.seed)] = (np.asarray(pos, np.float64),
                                                                          np.asarray(neg, np.float64))
-            except Exception as exc:
+            except PLUGIN_FAILURES as exc:
                 row.update(compute_all(np.empty(0), np.empty(0)), status="error", error=_describe(exc))
                 if not isinstance(exc, (_FitFailed, _SourceFailed, PluginError)):
                     row["traceback"] = traceback.format_exc(limit=6)
@@ -403,7 +403,7 @@ class _SeedRun:
         if state["detector"] is not None:
             try:
                 self.detector_metadata[spec.label] = _jsonable(state["detector"].metadata())
-            except Exception as exc:
+            except PLUGIN_FAILURES as exc:
                 self.detector_metadata[spec.label] = {"error": _describe(exc)}
         return rows, timings
 
@@ -474,6 +474,11 @@ def _labelled(images: ImageSet) -> ImageSet:
     return images if len(keep) == len(images) else images.subset(keep)
 
 
+#: What a detector's code may raise that costs only its own rows. SystemExit too: a plugin's sys.exit() used to end
+#: the whole run with exit 0 and nothing written. KeyboardInterrupt is left to the user, whose Ctrl-C it usually is.
+PLUGIN_FAILURES = (Exception, SystemExit)
+
+
 class _FitFailed(Exception):
     pass
 
@@ -491,6 +496,8 @@ def _failed_source(name: str, kind: str, exc: Exception) -> Source:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, (_FitFailed, _SourceFailed)):
         return str(exc)
+    if isinstance(exc, SystemExit):
+        return f"the plugin called sys.exit({exc.code!r})"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(exc, PluginError):
         return text

@@ -181,6 +181,15 @@ class Mutator(Detector):
         return view.logits.max(1).astype(float)
 
 
+class Exiter(Detector):
+    """Calls sys.exit in fit, as a careless script-turned-plugin does."""
+
+    name = "exiter"
+
+    def fit(self, ctx):
+        raise SystemExit(0)
+
+
 class Broken:
     @hookimpl
     def oodbench_register_detectors(self, register):
@@ -188,11 +197,12 @@ class Broken:
         register(Unfittable)
         register(Peeker)
         register(Mutator)
+        register(Exiter)
 
 
 def test_a_failing_detector_marks_only_its_own_rows(shared_cache):
     registry = build_registry(extra_plugins=[Broken()], strict=True)
-    result = run_benchmark(_options(registry, "msp,flaky,unfittable,peeker", shared_cache), registry)
+    result = run_benchmark(_options(registry, "msp,flaky,unfittable,peeker,exiter", shared_cache), registry)
     frame = results_frame(result.rows).set_index(["detector", "source"])
     assert (frame.loc["msp", "status"] == "ok").all()
     assert frame.loc[("flaky", "ood:gaussian"), "error"] == "RuntimeError: cannot score noise"
@@ -200,6 +210,7 @@ def test_a_failing_detector_marks_only_its_own_rows(shared_cache):
     assert frame.loc[("flaky", "mistakes"), "status"] == "ok"
     assert (frame.loc["unfittable", "error"] == "fit failed: needs more data").all()
     assert "without declaring it" in frame.loc[("peeker", "mistakes"), "error"]
+    assert (frame.loc["exiter", "error"] == "fit failed: the plugin called sys.exit(0)").all()
     assert frame.loc[("flaky", "ood:gaussian"), ["auroc"]].isna().all()
 
 
