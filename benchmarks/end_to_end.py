@@ -39,6 +39,7 @@ import passes_report  # noqa: E402  (a script folder, not a package)
 
 from oodbench.api import DatasetContext  # noqa: E402
 from oodbench.benchmark import Benchmark  # noqa: E402
+from oodbench.cache import checksum_path  # noqa: E402
 from oodbench.cli import parse_detectors  # noqa: E402
 from oodbench.plugins import Registry, build_registry, instantiate  # noqa: E402
 from oodbench.runner import RunOptions, choose_device, run_benchmark, train_classifiers  # noqa: E402
@@ -90,9 +91,11 @@ def measure(bench: Benchmark, registry: Registry, detectors: str, data_dir: Path
         opts = RunOptions(benchmark=bench, detectors=parse_detectors(detectors), seeds=[0], cache_dir=Path(cache),
                           data_dir=data_dir, device=device, progress=False, bf16=bf16, channels_last=channels_last)
         trained = train_classifiers(replace(opts, detectors=[]), registry)[0]
-        # Only the weights may be reused: the test split's outputs that training measured go too.
+        # Only the weights (and their checksum record) may be reused: the test split's outputs that training
+        # measured go too.
+        weights = Path(trained["file"])
         for entry in Path(cache).rglob("*"):
-            if entry.is_file() and entry.name != Path(trained["file"]).name:
+            if entry.is_file() and entry.name not in (weights.name, checksum_path(weights).name):
                 entry.unlink()
         started = time.perf_counter()
         result = run_benchmark(opts, registry)
