@@ -142,7 +142,7 @@ def run_pytorch_ood(bench: Benchmark, registry: Registry, data_dir: Path) -> dic
     net = CountingNetwork(build_network(bench, registry, data_dir, images["train"]))
 
     def loader(image_set: ImageSet, labels: np.ndarray) -> DataLoader:
-        dataset = TensorDataset(image_set.tensor(), torch.as_tensor(labels, dtype=torch.long))
+        dataset = TensorDataset(image_set.tensor(), torch.tensor(labels, dtype=torch.long))  # a copy: labels are read-only
         return DataLoader(dataset, batch_size=bench.batch_size, shuffle=False)
 
     train = loader(images["train"], images["train"].y)
