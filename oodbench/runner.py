@@ -41,7 +41,6 @@ from .progress import Progress
 from .provenance import environment
 
 
-
 @dataclass(frozen=True)
 class DetectorSpec:
     """A detector as the user asked for it: ``gmm`` or ``gmm[k=10]``."""

@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 
 from .benchmark import Benchmark, load_benchmark
-from .leaderboard import BENCHMARK_FILE, FLOAT_FORMAT, read_results, validate_frame
+from .leaderboard import BENCHMARK_FILE, FLOAT_FORMAT, read_valid_results
 
 DEFAULT_TOLERANCES: dict[str, float] = {"mistakes": 0.005, "ood": 0.005, "adversarial": 0.02}
 FILTER_COLUMNS = ("detector", "source", "seed", "source_kind")
@@ -89,13 +89,9 @@ def load_published(folder: Path, filters: dict[str, str] | None = None) -> Publi
     if not folder.is_dir():
         raise VerifyError(f"{folder}: not a folder")
     try:
-        rows = read_results(folder / "results.csv")
+        rows = read_valid_results(folder / "results.csv")
     except ValueError as exc:
         raise VerifyError(str(exc)) from None
-    problems = validate_frame(rows, str(folder / "results.csv"))
-    if problems:
-        raise VerifyError(f"{folder / 'results.csv'} is not a valid results file ({len(problems)} problems; "
-                          f"first: {problems[0]})")
     try:
         run = json.loads((folder / "run.json").read_text())
         detectors = {d["label"]: (d["name"], dict(d.get("options") or {})) for d in run["detectors"]}
