@@ -685,3 +685,27 @@ class Detector(Plugin):
     def metadata(self) -> dict[str, Any]:
         """Facts about the fitted detector worth recording in run.json (JSON-serialisable)."""
         return {}
+
+
+class TaskFailed(Exception):
+    """A task did not finish: its process died, it ran past its time limit, or it raised. Message: why."""
+
+
+class Executor(Plugin):
+    """Runs a planned run's tasks (``oodbench.plan.Task``): in this process, in workers, on a cluster.
+
+    ``run`` calls ``task.fn(*task.args, *results_of_task.deps)`` for every task, each after its
+    dependencies, and reports each outcome through ``done(task, result)`` where ``result`` is
+    the function's return value, or a ``TaskFailed`` saying why there is none. Order of calls
+    is free: the driver collects results in plan order. A task whose dependency failed is not
+    run and not reported. Options come from the command line (``--workers``, ``--scheduler``,
+    ``--task-timeout``); an executor ignores those it has no use for and says so in its docstring.
+    """
+
+    def __init__(self, workers: int | None = None, scheduler: str | None = None,
+                 task_timeout: float | None = None, threads: int | None = None, progress: bool = True):
+        self.workers, self.scheduler, self.task_timeout = workers, scheduler, task_timeout
+        self.threads, self.progress = threads, progress
+
+    def run(self, tasks: list[Any], done: Callable[[Any, Any], None]) -> None:
+        raise NotImplementedError

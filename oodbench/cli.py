@@ -122,7 +122,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         benchmark=bench, detectors=specs, seeds=seeds, cache_dir=preflight.cache_dir(args),
         data_dir=Path(args.data_dir).expanduser(), device=device,
         batch_size=args.batch_size, progress=not args.quiet, bf16=args.bf16, channels_last=args.channels_last,
+        **preflight.executor(registry, args),
     )
+    if args.plan:
+        return _print_plan(opts, registry)
     if (args.bf16 or args.channels_last) and opts.device.type != "cuda" and not args.quiet:
         print(f"oodbench: --bf16/--channels-last are GPU options; on {opts.device} the run stays plain fp32",
               file=sys.stderr)
@@ -143,6 +146,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.report:
         _report(out, out / "report.html")
     return 1 if (args.strict and len(errors)) else 0
+
+
+def _print_plan(opts, registry) -> int:
+    from tabulate import tabulate
+
+    from .plan import make_plan
+    from .tasks import Job
+
+    tasks = make_plan(Job(opts, registry))
+    kinds: dict[str, list] = {}
+    for task in tasks:
+        kinds.setdefault(task.kind, []).append(task)
+    print(f"{opts.benchmark.name}: {len(opts.detectors)} detectors x {len(opts.seeds)} seed(s) -> {len(tasks)} tasks "
+          f"on executor '{opts.executor}'")
+    print(tabulate([[kind, len(group), ", ".join(f"{k}={v:g}" for k, v in group[0].resources.items()) or "CPU",
+                     ", ".join(t.label for t in group[:3]) + (", ..." if len(group) > 3 else "")]
+                    for kind, group in kinds.items()], headers=["kind", "tasks", "resources", "e.g."]))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -332,6 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "gradients) under bfloat16 autocast, outputs kept float32; ignored on CPU")
     run.add_argument("--channels-last", action="store_true", help="GPU only: channels-last memory format for "
                      "the classifier; ignored on CPU")
+    run.add_argument("--executor", default="local", help="where tasks run: local (default: one task at a time in a "
+                     "worker process, a crashing or hanging plugin costs only its task), inline (this process), dask, "
+                     "or a plugin's; see 'oodbench list'")
+    run.add_argument("--workers", type=int, help="dask: start a LocalCluster of N worker processes (default 2)")
+    run.add_argument("--scheduler", help="dask: address of a running scheduler (tcp://HOST:8786) instead")
+    run.add_argument("--task-timeout", type=float, help="local: seconds a task may run before it is stopped and its "
+                     "rows become errors (default 86400; 0 = no limit)")
+    run.add_argument("--threads", type=int, help="torch threads per worker (default: torch's, or cores / workers)")
+    run.add_argument("--plan", action="store_true", help="print the run's tasks (per kind, resources) and exit; "
+                     "loads no data")
     run.add_argument("--metric", default="auroc", help="metric of the printed table (default auroc)")
     run.add_argument("--strict", action="store_true", help="exit 1 if any row is an error")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress display and no table")

@@ -44,6 +44,11 @@ def oodbench_register_detectors(register):
 
 
 @hookspec
+def oodbench_register_executors(register):
+    """Register ``oodbench.api.Executor`` subclasses (where a run's tasks run: ``--executor NAME``)."""
+
+
+@hookspec
 def oodbench_register_benchmarks(register):
     """Register benchmark definition files: ``register(path)`` with a ``pathlib.Path`` to a TOML file.
 

@@ -25,13 +25,14 @@ from typing import Any, Iterable
 import pluggy
 
 from . import hookspecs
-from .api import Attack, Dataset, Detector, Model, Plugin
+from .api import Attack, Dataset, Detector, Executor, Model, Plugin
 
 KINDS: dict[str, type] = {
     "datasets": Dataset,
     "models": Model,
     "attacks": Attack,
     "detectors": Detector,
+    "executors": Executor,
     "benchmarks": Path,
 }
 

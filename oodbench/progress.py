@@ -31,3 +31,15 @@ class Progress:
             yield lambda message: bar.set_postfix_str(message)
         finally:
             bar.close()
+
+    @contextlib.contextmanager
+    def counter(self, total: int, description: str) -> Iterator[Callable[[], None]]:
+        """A bar over ``total`` steps; the yielded callable advances it by one."""
+        if not self.enabled:
+            yield lambda: None
+            return
+        bar = tqdm(total=total, desc=description, leave=False, file=sys.stderr, dynamic_ncols=True)
+        try:
+            yield lambda: bar.update(1)
+        finally:
+            bar.close()

@@ -97,6 +97,12 @@ class RunOptions:
     #: GPU speed options (bf16 autocast, channels-last inputs); ignored on a CPU, whose results stay plain fp32
     bf16: bool = False
     channels_last: bool = False
+    #: where tasks run (a registered executor) and its options; see ``oodbench.api.Executor``
+    executor: str = "local"
+    workers: int | None = None
+    scheduler: str | None = None
+    task_timeout: float | None = None
+    threads: int | None = None
 
 
 @dataclass
@@ -122,7 +128,7 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-class _SeedRun:
+class SeedWork:
     """Everything one seed of a run computes; the methods are the tasks."""
 
     def __init__(self, opts: RunOptions, registry: Registry, cache: Cache, progress: Progress, seed: int):
@@ -131,7 +137,10 @@ class _SeedRun:
         self.batch_size = opts.batch_size or self.bench.batch_size
         self._id_sets: dict[str, ImageSet] = {}
         self.scores: dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray]] = {}  # filled by detector_rows
-        self.need_layers = False  # set by run() from the detectors' needs
+        self.detector_metadata: dict[str, Any] = {}  # filled by detector_rows
+        # Intermediate layers are extracted with the rest when any detector of the run reads them.
+        self.need_layers = any("layers" in registry.get("detectors", spec.name).target.needs for spec in opts.detectors)
+        self._prepared: Prepared | None = None
 
     # -- data ------------------------------------------------------------------------
     def _dataset(self, ref_name: str, options: dict[str, Any]):
@@ -317,17 +326,17 @@ class _SeedRun:
         (source.holdout_positives, source.positives), (source.holdout_negatives, source.negatives) = split
 
     # -- detectors ---------------------------------------------------------------------
-    def detector_rows(self, spec: DetectorSpec, handle: ClassifierHandle, model_key: str, train: SplitView,
-                      train_labelled: SplitView, val: SplitView, sources: list[Source]) -> tuple[list[dict], list[dict]]:
+    def detector_rows(self, spec: DetectorSpec) -> tuple[list[dict], list[dict]]:
+        prepared = self.prepare()
+        handle, model_key, train, train_labelled, val, sources = (prepared.handle, prepared.model_key, prepared.train,
+                                                                  prepared.train_labelled, prepared.val, prepared.sources)
         entry = self.registry.get("detectors", spec.name)
         resolved = resolve_options(entry, spec.options, seed=self.seed)
         det_key = make_key("detector", name=spec.name, version=entry.version, options=resolved,
                            model=model_key, train=train.key, val=val.key, seed=self.seed)
         cls = entry.target
         needs = frozenset(cls.needs) | {"logits"}
-        base = {"detector": spec.label, "detector_plugin": entry.provider, "detector_version": entry.version,
-                "detector_options": json.dumps(_jsonable(resolved), sort_keys=True),
-                "tuned_on_source": bool(cls.tunes_on_source)}
+        base = detector_fields(self.registry, spec, self.seed)
         state: dict[str, Any] = {"detector": None, "fit_error": None, "fit_seconds": 0.0}
 
         def fitted() -> Detector:
@@ -399,6 +408,9 @@ class _SeedRun:
                             "score_seconds": time.perf_counter() - started})
         for t in timings:
             t["fit_seconds"] = state["fit_seconds"]
+        common = self.common_fields()
+        for row in rows:
+            row.update(common)
         if state["detector"] is not None:
             try:
                 self.detector_metadata[spec.label] = _jsonable(state["detector"].metadata())
@@ -430,41 +442,53 @@ class _SeedRun:
         arrays = self.cache.arrays(key, compute)
         return arrays["pos"], arrays["neg"], str(arrays["tuned"])
 
-    def run(self, specs: list[DetectorSpec]) -> tuple[list[dict], list[dict], dict[str, Any]]:
-        self.detector_metadata: dict[str, Any] = {}
-        self.need_layers = any("layers" in self.registry.get("detectors", spec.name).target.needs for spec in specs)
-        _seed_everything(self.seed)
-        handle, model_key, model_entry, model_options = self.classifier()
-        train_set = self.id_split("train")
-        train = self.outputs(handle, model_key, train_set, "train", train_set.y)
-        labelled = np.flatnonzero(train_set.y != UNLABELED)
-        train_labelled = train if len(labelled) == len(train_set) else train.subset(labelled, "train (labelled)")
-        val = self.outputs(handle, model_key, self.id_split("val"), "val", self.id_split("val").y)
-        test, sources = self.sources(handle, model_key)
-        accuracy = float((test.predictions == self.id_split("test").y).mean())
-        rows, timings = [], []
-        for spec in specs:
-            r, t = self.detector_rows(spec, handle, model_key, train, train_labelled, val, sources)
-            rows += r
-            timings += t
-        common = {"schema_version": SCHEMA_VERSION, "benchmark": self.bench.name,
-                  "benchmark_sha256": self.bench.sha256[:16], "model": self.bench.model.plugin, "seed": self.seed,
-                  "model_weights": self.model_weights,
-                  "device": self.opts.device.type, "oodbench_version": __version__}
-        for row in rows:
-            row.update(common)
-        meta = {"seed": self.seed, "model_key": model_key, "model_options": model_options,
-                "model_provider": f"{model_entry.provider} {model_entry.provider_version}",
-                "test_accuracy": accuracy, "train_images": len(train_set), "train_labels": len(labelled),
-                "passes": handle.passes, "detectors": self.detector_metadata,
-                "batch_size": {"asked": self.batch_size, "used": handle.batch_sizes, **handle.memory,
-                               "halved_after_out_of_memory": handle.memory_backoffs},
-                "numerics": {"asked": {"bf16": self.opts.bf16, "channels_last": self.opts.channels_last},
-                             "used": handle.numerics or "fp32", "shared_passes": self.bench.precision},
-                "throughput": handle.throughput(),
-                "sources": {s.name: {"n_pos": len(s.positives), "n_neg": len(s.negatives), "n_holdout": s.n_holdout}
-                            for s in sources if s.kind != "error"}}
-        return rows, timings, meta
+    def prepare(self) -> "Prepared":
+        """The classifier, every shared output and the failure sources of this seed (each cached)."""
+        if self._prepared is None:
+            _seed_everything(self.seed)
+            handle, model_key, model_entry, model_options = self.classifier()
+            train_set = self.id_split("train")
+            train = self.outputs(handle, model_key, train_set, "train", train_set.y)
+            labelled = np.flatnonzero(train_set.y != UNLABELED)
+            train_labelled = train if len(labelled) == len(train_set) else train.subset(labelled, "train (labelled)")
+            val = self.outputs(handle, model_key, self.id_split("val"), "val", self.id_split("val").y)
+            test, sources = self.sources(handle, model_key)
+            meta = {"seed": self.seed, "model_key": model_key, "model_options": model_options,
+                    "model_provider": f"{model_entry.provider} {model_entry.provider_version}",
+                    "test_accuracy": float((test.predictions == self.id_split("test").y).mean()),
+                    "train_images": len(train_set), "train_labels": len(labelled),
+                    "sources": {s.name: {"n_pos": len(s.positives), "n_neg": len(s.negatives),
+                                         "n_holdout": s.n_holdout} for s in sources if s.kind != "error"}}
+            self._prepared = Prepared(handle, model_key, train, train_labelled, val, sources, meta)
+        return self._prepared
+
+    def common_fields(self) -> dict[str, Any]:
+        """The fields every row of this seed shares."""
+        return {"schema_version": SCHEMA_VERSION, "benchmark": self.bench.name,
+                "benchmark_sha256": self.bench.sha256[:16], "model": self.bench.model.plugin, "seed": self.seed,
+                "model_weights": self.model_weights, "device": self.opts.device.type, "oodbench_version": __version__}
+
+
+@dataclass
+class Prepared:
+    """What every detector of one seed reads: the classifier, shared outputs, the sources."""
+
+    handle: ClassifierHandle
+    model_key: str
+    train: SplitView
+    train_labelled: SplitView
+    val: SplitView
+    sources: list[Source]
+    meta: dict[str, Any]
+
+
+def detector_fields(registry: Registry, spec: DetectorSpec, seed: int) -> dict[str, Any]:
+    """The fields that say which detector a row is about, exactly as configured."""
+    entry = registry.get("detectors", spec.name)
+    resolved = resolve_options(entry, spec.options, seed=seed)
+    return {"detector": spec.label, "detector_plugin": entry.provider, "detector_version": entry.version,
+            "detector_options": json.dumps(_jsonable(resolved), sort_keys=True),
+            "tuned_on_source": bool(entry.target.tunes_on_source)}
 
 
 def _labelled(images: ImageSet) -> ImageSet:
@@ -531,7 +555,7 @@ def train_classifiers(opts: RunOptions, registry: Registry) -> list[dict[str, An
     out = []
     for seed in opts.seeds:
         started, hits = time.perf_counter(), cache.hits
-        seed_run = _SeedRun(opts, registry, cache, progress, seed)
+        seed_run = SeedWork(opts, registry, cache, progress, seed)
         handle, key, _, options = seed_run.classifier()
         cached = cache.hits > hits
         # Through the cached extraction, so a later run does not repeat this forward pass.
@@ -545,20 +569,62 @@ def train_classifiers(opts: RunOptions, registry: Registry) -> list[dict[str, An
 
 
 def run_benchmark(opts: RunOptions, registry: Registry) -> RunResult:
-    """Run every detector against every failure source of ``opts.benchmark`` for each seed."""
+    """Run every detector against every failure source of ``opts.benchmark`` for each seed.
+
+    Plans the run (``plan.py``), hands the tasks to ``opts.executor`` and collects their
+    results in plan order, so the rows are the same whichever executor ran them.
+    """
+    from .api import TaskFailed
+    from .plan import make_plan, summary
+    from .tasks import Job, TaskResult, forget_prepared
+
     for spec in opts.detectors:  # fail fast on names and options, before any heavy work
         resolve_options(registry.get("detectors", spec.name), spec.options)
-    cache = Cache(opts.cache_dir)
-    progress = Progress(enabled=opts.progress)
-    rows, timings, per_seed, scores = [], [], [], {}
+    executor = instantiate(registry.get("executors", opts.executor),
+                           {"workers": opts.workers, "scheduler": opts.scheduler, "task_timeout": opts.task_timeout,
+                            "threads": opts.threads, "progress": opts.progress})
+    job = Job(opts, registry)
+    tasks = make_plan(job)
+    outcomes: dict[str, TaskResult | TaskFailed] = {}
     started = time.perf_counter()
-    for seed in opts.seeds:
-        seed_run = _SeedRun(opts, registry, cache, progress, seed)
-        r, t, meta = seed_run.run(opts.detectors)
-        rows += r
-        timings += t
-        per_seed.append(meta)
-        scores.update(seed_run.scores)
+    with Progress(enabled=opts.progress).counter(len(tasks), "tasks") as advance:
+        def done(task, outcome) -> None:
+            outcomes[task.key] = outcome
+            advance()
+
+        try:
+            executor.run(tasks, done)
+        finally:
+            forget_prepared()  # the driver's memory is not a worker's: let the last seed's arrays go
+    rows, timings, per_seed, scores = [], [], [], {}
+    cache = {"hits": 0, "misses": 0, "quarantined": []}
+    task_records = []
+    for task in tasks:
+        outcome = outcomes.get(task.key)
+        if task.kind == "prepare":
+            if not isinstance(outcome, TaskResult):
+                raise PluginError(f"seed {task.seed}: the classifier, its outputs or the failure sources could not be "
+                                  f"made: {outcome if outcome is not None else 'the task did not run'}")
+            prepared, seed_meta = outcome, {**outcome.meta, "passes": {}, "detectors": {}, "throughput": {}}
+            per_seed.append(seed_meta)
+        if isinstance(outcome, TaskFailed):
+            outcome = TaskResult(rows=_failed_task_rows(registry, task, prepared, str(outcome)),
+                                 meta={"detector_metadata": {task.detector: {"error": str(outcome)}}})
+        elif outcome is None:
+            continue
+        rows += outcome.rows
+        timings += outcome.timings
+        scores.update(outcome.scores)
+        seed_meta["detectors"].update(outcome.meta.get("detector_metadata", {}))
+        _add_passes(seed_meta["passes"], outcome.passes)
+        _add_throughput(seed_meta["throughput"], outcome.throughput)
+        for name in ("hits", "misses"):
+            cache[name] += outcome.cache.get(name, 0)
+        cache["quarantined"] += outcome.cache.get("quarantined", [])
+        task_records.append({"kind": task.kind, "label": task.label, "seconds": outcome.seconds,
+                             "worker": outcome.worker, "status": "ok" if outcome.worker else "failed"})
+    for seed_meta in per_seed:
+        seed_meta["throughput"] = _rates(seed_meta["throughput"])
     meta = {
         "schema_version": SCHEMA_VERSION,
         "oodbench_version": __version__,
@@ -568,9 +634,41 @@ def run_benchmark(opts: RunOptions, registry: Registry) -> RunResult:
         "detectors": [{"label": s.label, "name": s.name, "options": s.options} for s in opts.detectors],
         "seeds": opts.seeds,
         "device": str(opts.device),
-        "cache": {"dir": str(opts.cache_dir) if opts.cache_dir else None, "hits": cache.hits, "misses": cache.misses,
-                  "quarantined": cache.quarantined},
+        "cache": {"dir": str(opts.cache_dir) if opts.cache_dir else None, **cache},
+        "executor": {"name": opts.executor, "workers": opts.workers, "scheduler": opts.scheduler,
+                     "task_timeout": opts.task_timeout, "tasks": summary(tasks), "per_task": task_records},
         "wall_seconds": time.perf_counter() - started,
         "per_seed": per_seed,
     }
     return RunResult(rows, timings, meta, scores)
+
+
+def _failed_task_rows(registry: Registry, task, prepared, reason: str) -> list[dict[str, Any]]:
+    """A detector task that did not finish (its worker died, hung or raised): one error row per source."""
+    spec = task.args[2]
+    empty = compute_all(np.empty(0), np.empty(0))
+    return [{**detector_fields(registry, spec, task.seed), "source": name, "source_kind": kind, "negatives": negatives,
+             "n_holdout": 0, "tuned_params": "", **empty, "status": "error", "error": f"task failed: {reason}",
+             **prepared.common} for name, kind, negatives in prepared.sources]
+
+
+def _add_passes(total: dict[str, dict[str, int]], passes: dict[str, dict[str, int]]) -> None:
+    for activity, counts in passes.items():
+        into = total.setdefault(activity, {"forward": 0, "forward_backward": 0})
+        for kind, n in counts.items():
+            into[kind] = into.get(kind, 0) + n
+
+
+def _add_throughput(total: dict[str, dict[str, float]], throughput: dict[str, dict[str, float]]) -> None:
+    for activity, numbers in throughput.items():
+        into = total.setdefault(activity, {"images": 0, "network_seconds": 0.0, "wall_seconds": 0.0})
+        for name in ("images", "network_seconds", "wall_seconds"):
+            into[name] += numbers.get(name, 0)
+
+
+def _rates(throughput: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    for numbers in throughput.values():
+        wall = numbers["wall_seconds"]
+        numbers["images_per_second"] = numbers["images"] / wall if wall else 0.0
+        numbers["network_share"] = numbers["network_seconds"] / wall if wall else 0.0
+    return throughput
