@@ -1,0 +1,192 @@
+"""Executors: the same rows whatever runs the tasks, and a plugin that kills, crashes or hangs its
+worker costs only its own rows (the local executor); Dask reruns a task whose worker died."""
+import ctypes
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from oodbench import hookimpl
+from oodbench.api import Detector
+from oodbench.benchmark import load_benchmark
+from oodbench.cli import parse_detectors
+from oodbench.leaderboard import csv_text, results_frame
+from oodbench.plan import make_plan, summary
+from oodbench.plugins import build_registry
+from oodbench.runner import RunOptions, run_benchmark
+from oodbench.tasks import Job
+
+
+def _options(registry, detectors: str, cache: Path | None, **kw) -> RunOptions:
+    bench = load_benchmark(registry.get("benchmarks", "digits").target)
+    return RunOptions(benchmark=bench, detectors=parse_detectors(detectors), seeds=kw.pop("seeds", [0]),
+                      cache_dir=cache, data_dir=Path("."), device=torch.device("cpu"), progress=False, **kw)
+
+
+class _MaxLogit(Detector):
+    def score(self, view):
+        return view.logits.max(1).astype(np.float64)
+
+
+class Quitter(_MaxLogit):
+    """Ends its process without unwinding (os._exit), as a C extension's abort would."""
+
+    name = "quitter"
+
+    def fit(self, ctx):
+        os._exit(3)
+
+
+class Crasher(_MaxLogit):
+    """Dereferences a null pointer: a segfault."""
+
+    name = "crasher"
+
+    def fit(self, ctx):
+        ctypes.string_at(0)
+
+
+class Interrupter(_MaxLogit):
+    """Raises KeyboardInterrupt itself (not the user's Ctrl-C)."""
+
+    name = "interrupter"
+
+    def fit(self, ctx):
+        raise KeyboardInterrupt
+
+
+class Sleeper(_MaxLogit):
+    """Never finishes fitting."""
+
+    name = "sleeper"
+
+    def fit(self, ctx):
+        time.sleep(3600)
+
+
+class DiesOnce(_MaxLogit):
+    """Kills its own worker the first time it fits (a node lost mid-task), then behaves."""
+
+    name = "dies-once"
+
+    def __init__(self, marker: str = ""):
+        self.marker = marker
+
+    def fit(self, ctx):
+        if self.marker and not os.path.exists(self.marker):
+            Path(self.marker).write_text("died once")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Misbehaving:
+    @hookimpl
+    def oodbench_register_detectors(self, register):
+        for cls in (Quitter, Crasher, Interrupter, Sleeper, DiesOnce):
+            register(cls)
+
+
+@pytest.fixture(scope="module")
+def misbehaving():
+    return build_registry(extra_plugins=[Misbehaving()], strict=True)
+
+
+@pytest.fixture(scope="module")
+def clean_msp(registry, shared_cache):
+    return results_frame(run_benchmark(_options(registry, "msp", shared_cache, executor="inline"), registry).rows)
+
+
+def test_a_plugin_that_kills_crashes_interrupts_or_hangs_its_worker_costs_only_its_rows(misbehaving, shared_cache,
+                                                                                          clean_msp):
+    result = run_benchmark(_options(misbehaving, "quitter,msp,crasher,interrupter,sleeper", shared_cache,
+                                    task_timeout=20), misbehaving)
+    frame = results_frame(result.rows).set_index(["detector", "source"])
+    errors = {name: set(frame.loc[name, "error"]) for name in ("quitter", "crasher", "interrupter", "sleeper")}
+    assert errors["quitter"] == {"task failed: the worker process exited with status 3"}
+    assert errors["crasher"] == {"task failed: the worker process died of SIGSEGV"}
+    assert errors["interrupter"] == {"fit failed: KeyboardInterrupt"} or \
+        errors["interrupter"] == {"task failed: KeyboardInterrupt"}
+    assert errors["sleeper"] == {"task failed: ran past --task-timeout 20 s and was stopped"}
+    for name in errors:  # every source of the seed has its row, each an error with empty metrics
+        assert len(frame.loc[name]) == len(clean_msp) and frame.loc[name, "auroc"].isna().all()
+    mine = frame.loc[["msp"]].reset_index()
+    assert csv_text(mine[clean_msp.columns]) == csv_text(clean_msp), "the rest of the run equals a clean run"
+    per_task = result.meta["executor"]["per_task"]
+    assert [t["status"] for t in per_task] == ["ok", "failed", "ok", "failed", "failed", "failed"]
+
+
+def test_local_inline_and_dask_give_byte_identical_results(registry, shared_cache, clean_msp):
+    names = "msp,gmm,mahalanobis"
+    frames = {name: csv_text(results_frame(run_benchmark(
+        _options(registry, names, shared_cache, seeds=[0, 1], executor=name, workers=2), registry).rows))
+        for name in ("inline", "local", "dask")}
+    assert frames["local"] == frames["inline"]
+    assert frames["dask"] == frames["inline"]
+
+
+def test_dask_reruns_a_task_whose_worker_died(registry, misbehaving, shared_cache, tmp_path):
+    marker = tmp_path / "died"
+    result = run_benchmark(_options(misbehaving, f"msp,dies-once[marker={str(marker)!r}]", shared_cache,
+                                    executor="dask", workers=2), misbehaving)
+    assert marker.exists(), "the first attempt killed its worker"
+    frame = results_frame(result.rows)
+    assert (frame["status"] == "ok").all(), frame[frame["status"] != "ok"]["error"].unique()
+    clean = results_frame(run_benchmark(_options(registry, "msp", shared_cache, executor="inline"), registry).rows)
+    rerun = frame[frame["detector"] == "msp"].reset_index(drop=True)
+    assert csv_text(rerun[clean.columns]) == csv_text(clean)
+
+
+def test_the_plan_is_made_before_any_data_is_loaded(misbehaving, tmp_path, monkeypatch):
+    from oodbench import runner
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the plan loaded data")
+
+    monkeypatch.setattr(runner.SeedWork, "id_split", no_loading)
+    monkeypatch.setattr(runner.SeedWork, "classifier", no_loading)
+    tasks = make_plan(Job(_options(misbehaving, "msp,gmm,quitter", tmp_path, seeds=[0, 1, 2]), misbehaving))
+    assert summary(tasks) == {"prepare": 3, "detector": 9}
+    by_key = {t.key: t for t in tasks}
+    assert len(by_key) == len(tasks), "task keys are unique"
+    for i, task in enumerate(tasks):  # every dependency comes first, and is its own seed's prepare task
+        assert all(tasks.index(by_key[d]) < i and by_key[d].kind == "prepare" and by_key[d].seed == task.seed
+                   for d in task.deps)
+    again = make_plan(Job(_options(misbehaving, "msp,gmm,quitter", tmp_path, seeds=[0, 1, 2]), misbehaving))
+    assert [t.key for t in again] == [t.key for t in tasks], "keys are stable across plans"
+
+
+def test_two_runs_on_one_store_and_a_killed_run_resumed_land_the_same_rows(registry, shared_cache, tmp_path):
+    """Run A and run B start at once on an empty store; A is killed (driver and worker, kill -9) once its detector
+    tasks have begun, B finishes; A run again resumes from the store. Both equal a run of their own."""
+    import subprocess
+
+    from test_cli import OODBENCH
+
+    store = tmp_path / "store"
+    command = [*OODBENCH.split(), "run", "-d", "msp,gmm", "-q", "--cache-dir", str(store)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    a = subprocess.Popen([*command, "-o", str(tmp_path / "a")], env=env, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    b = subprocess.Popen([*command, "-o", str(tmp_path / "b")], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not list(store.glob("scores/*.npz")) and a.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert a.poll() is None, "run A finished before it could be killed"
+    os.killpg(a.pid, signal.SIGKILL)
+    a.wait()
+    assert b.wait(timeout=300) == 0, b.stderr.read().decode()
+    resumed = subprocess.run([*command, "-o", str(tmp_path / "a")], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    import json
+
+    cache = json.loads((tmp_path / "a" / "run.json").read_text())["cache"]
+    assert cache["hits"] > 0 and cache["quarantined"] == [], "the resumed run read what A and B had stored"
+    reference = csv_text(results_frame(run_benchmark(_options(registry, "msp,gmm", shared_cache, executor="inline"),
+                                                     registry).rows))
+    for run in ("a", "b"):
+        assert (tmp_path / run / "results.csv").read_text() == reference
