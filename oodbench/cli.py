@@ -151,18 +151,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _print_plan(opts, registry) -> int:
     from tabulate import tabulate
 
-    from .plan import make_plan
+    from .cache import Cache
+    from .plan import in_store, make_plan
     from .tasks import Job
 
     tasks = make_plan(Job(opts, registry))
+    done = in_store(tasks, Cache(opts.cache_dir)) if opts.cache_dir is not None else [False] * len(tasks)
     kinds: dict[str, list] = {}
-    for task in tasks:
+    finished: dict[str, int] = {}
+    for task, was_done in zip(tasks, done):
         kinds.setdefault(task.kind, []).append(task)
+        finished[task.kind] = finished.get(task.kind, 0) + was_done
     print(f"{opts.benchmark.name}: {len(opts.detectors)} detectors x {len(opts.seeds)} seed(s) -> {len(tasks)} tasks "
           f"on executor '{opts.executor}'")
-    print(tabulate([[kind, len(group), ", ".join(f"{k}={v:g}" for k, v in group[0].resources.items()) or "CPU",
+    print(tabulate([[kind, len(group), finished[kind],
+                     ", ".join(f"{k}={v:g}" for k, v in group[0].resources.items()) or "CPU",
                      ", ".join(t.label for t in group[:3]) + (", ..." if len(group) > 3 else "")]
-                    for kind, group in kinds.items()], headers=["kind", "tasks", "resources", "e.g."]))
+                    for kind, group in kinds.items()], headers=["kind", "tasks", "finished before", "resources", "e.g."]))
+    print("(a task finished before runs again and reads its outputs from the store)")
     return 0
 
 

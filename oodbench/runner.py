@@ -575,7 +575,7 @@ def run_benchmark(opts: RunOptions, registry: Registry) -> RunResult:
     results in plan order, so the rows are the same whichever executor ran them.
     """
     from .api import TaskFailed
-    from .plan import make_plan, summary
+    from .plan import make_plan, record_finished, summary
     from .tasks import Job, TaskResult, forget_prepared
 
     for spec in opts.detectors:  # fail fast on names and options, before any heavy work
@@ -598,6 +598,7 @@ def run_benchmark(opts: RunOptions, registry: Registry) -> RunResult:
             forget_prepared()  # the driver's memory is not a worker's: let the last seed's arrays go
     rows, timings, per_seed, scores = [], [], [], {}
     cache = {"hits": 0, "misses": 0, "quarantined": []}
+    store = Cache(opts.cache_dir)
     task_records = []
     for task in tasks:
         outcome = outcomes.get(task.key)
@@ -623,6 +624,8 @@ def run_benchmark(opts: RunOptions, registry: Registry) -> RunResult:
         cache["quarantined"] += outcome.cache.get("quarantined", [])
         task_records.append({"kind": task.kind, "label": task.label, "seconds": outcome.seconds,
                              "worker": outcome.worker, "status": "ok" if outcome.worker else "failed"})
+        if outcome.worker and opts.cache_dir is not None:
+            record_finished(task, store, outcome.seconds)
     for seed_meta in per_seed:
         seed_meta["throughput"] = _rates(seed_meta["throughput"])
     meta = {

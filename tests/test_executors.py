@@ -190,3 +190,20 @@ def test_two_runs_on_one_store_and_a_killed_run_resumed_land_the_same_rows(regis
                                                      registry).rows))
     for run in ("a", "b"):
         assert (tmp_path / run / "results.csv").read_text() == reference
+
+
+def test_plan_prints_tasks_per_kind_and_what_the_store_has(registry, shared_cache):
+    from test_bad_input import run_cli
+
+    run_benchmark(_options(registry, "msp", shared_cache, executor="inline"), registry)  # seed 0's prepare and msp
+
+    printed = run_cli("run", "-d", "msp,gmm,nosuch-is-refused-first", "--plan", "--cache-dir", str(shared_cache))
+    assert printed.returncode == 2 and "unknown detector 'nosuch-is-refused-first'" in printed.stderr
+    printed = run_cli("run", "-d", "msp,gmm", "--seeds", "3", "--plan", "--cache-dir", str(shared_cache))
+    assert printed.returncode == 0, printed.stderr
+    table = {line.split()[0]: line.split()[1:3] for line in printed.stdout.splitlines()
+             if line.startswith(("prepare ", "detector "))}
+    # At least seed 0's prepare and msp tasks are in the store (other tests of the session may have run more).
+    assert table["prepare"][0] == "3" and table["detector"][0] == "6"
+    assert 1 <= int(table["prepare"][1]) <= 3 and 1 <= int(table["detector"][1]) <= 6
+    assert "-> 9 tasks" in printed.stdout
