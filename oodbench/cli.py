@@ -119,8 +119,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = preflight.path_option("--out", args.out) if args.out is not None else Path("oodbench-results") / bench.name
     preflight.check_writable("--out", out, folder=True)
     opts = RunOptions(
-        benchmark=bench, detectors=specs, seeds=seeds, cache_dir=preflight.cache_dir(args),
-        data_dir=Path(args.data_dir).expanduser(), device=device,
+        benchmark=bench, detectors=specs, seeds=seeds, cache_dir=_absolute(preflight.cache_dir(args)),
+        # absolute: a worker on another machine or in another folder must find the same files
+        data_dir=Path(args.data_dir).expanduser().absolute(), device=device,
         batch_size=args.batch_size, progress=not args.quiet, bf16=args.bf16, channels_last=args.channels_last,
         **preflight.executor(registry, args),
     )
@@ -146,6 +147,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.report:
         _report(out, out / "report.html")
     return 1 if (args.strict and len(errors)) else 0
+
+
+def _absolute(path):
+    """A local folder made absolute; a store URL (``s3://...``) or None as it is."""
+    return path.expanduser().absolute() if isinstance(path, Path) else path
 
 
 def _print_plan(opts, registry) -> int:
