@@ -13,15 +13,16 @@ from pathlib import Path
 
 
 def _open(args: argparse.Namespace):
-    """The cache at ``--cache-dir``, refused when it is not a folder: a typo must not read as 'all is well'."""
-    from .cache import Cache, default_cache_dir
+    """The cache at ``--cache-dir`` (a folder or an fsspec URL), refused when it is not a folder: a typo must
+    not read as 'all is well'."""
+    from .cache import Cache, default_cache_dir, is_url
 
-    root = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-    if not root.exists():
-        raise ValueError(f"cache folder {root} does not exist")
-    if not root.is_dir():
-        raise ValueError(f"cache folder {root} is not a folder")
-    return Cache(root)
+    root = args.cache_dir or default_cache_dir()
+    if isinstance(root, str) and not is_url(root):
+        root = Path(root).expanduser()
+    cache = Cache(root)
+    cache.check_root()
+    return cache
 
 
 def _size(n_bytes: float) -> str:
@@ -51,7 +52,7 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
     if args.older_than is not None and not args.older_than >= 0:  # 'not >=' also refuses NaN
         raise ValueError(f"--older-than must be a number of days ≥ 0, not {args.older_than}")
     cache = _open(args)
-    files, n_bytes = cache.prune(args.older_than)
+    files, n_bytes = cache.prune(args.older_than)  # a store without modification times refuses an age: exit 2
     print(f"{cache.root}: removed {files} files, {_size(n_bytes)}")
     return 0
 
@@ -101,4 +102,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               "outputs, attack, scores, ...), and what quarantine/ and scratch/ hold.")
     info.set_defaults(func=cmd_cache_info)
     for action in (verify, prune, info):
-        action.add_argument("--cache-dir", help="cache folder (default: the user cache dir, or OODBENCH_CACHE_DIR)")
+        action.add_argument("--cache-dir", help="cache folder or fsspec URL such as s3://bucket/oodbench (default: "
+                            "the user cache dir, or OODBENCH_CACHE_DIR)")

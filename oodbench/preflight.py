@@ -178,19 +178,24 @@ def path_option(option: str, value: str) -> Path:
     return Path(value)
 
 
-def cache_dir(args: argparse.Namespace) -> Path | None:
-    """The cache folder; checked now, since a file there would otherwise fail the first store, after training."""
-    from .cache import default_cache_dir
+def cache_dir(args: argparse.Namespace) -> Path | str | None:
+    """The cache folder or fsspec URL; checked now, since a bad one would otherwise fail the first store, after
+    training. A URL's filesystem must be installed and the location (or the folder above it) listable."""
+    from .cache import check_store, default_cache_dir, is_url
 
     if getattr(args, "no_cache", False):
         return None
     if args.cache_dir is not None:
-        option, path = "--cache-dir", path_option("--cache-dir", args.cache_dir)
+        option = "--cache-dir"
+        root = args.cache_dir if is_url(args.cache_dir) else path_option(option, args.cache_dir)
     else:
         option = "OODBENCH_CACHE_DIR" if os.environ.get("OODBENCH_CACHE_DIR") else "the user cache folder"
-        path = default_cache_dir()
-    check_writable(option, path, folder=True)
-    return path
+        root = default_cache_dir()
+    if is_url(root):
+        root = check_store(option, root)  # a file:// URL comes back as a local folder, checked as one below
+    if isinstance(root, Path):
+        check_writable(option, root, folder=True)
+    return root
 
 
 def check_writable(option: str, path: Path, folder: bool) -> None:
