@@ -666,6 +666,11 @@ class Detector(Plugin):
     * ``tunes_on_source``: the paper tunes hyperparameters on held-out samples of each
       failure source (ODIN). The core then calls ``tune(holdout)`` before scoring a source,
       and the result rows say so.
+
+    A detector whose fit is worth keeping implements ``state_dict`` and ``load_state_dict``
+    (both, see ``stores_state``): the core then stores the fitted state once and loads it
+    wherever it scores, instead of fitting again. One that does not is fitted and scored
+    within one task.
     """
 
     needs: ClassVar[frozenset[str]] = frozenset({"logits"})
@@ -685,6 +690,40 @@ class Detector(Plugin):
     def metadata(self) -> dict[str, Any]:
         """Facts about the fitted detector worth recording in run.json (JSON-serialisable)."""
         return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What ``fit`` learned, as a flat dict the core stores, so that scoring elsewhere need not refit.
+
+        Called right after ``fit`` (before any ``tune`` or ``score``). Values are NumPy
+        arrays of a numeric or bool dtype (stored with dtype and shape exactly; convert
+        tensors with ``.detach().cpu().numpy()``) or JSON: str, int, float, bool, None, and
+        lists and str-keyed dicts of those (tuples come back as lists). Nothing else: the
+        state is stored and read without pickle, so a file can never run code, and an
+        estimator object must be stored as its coefficients. Options are not state: the
+        core rebuilds the detector from the same options before ``load_state_dict``.
+        Default: ``NotImplementedError``, i.e. this detector cannot be stored and is
+        fitted and scored within one task.
+        """
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any], ctx: FitContext | None = None) -> None:
+        """Take up a stored ``state_dict`` instead of fitting; scores then equal the fitted detector's, bit for bit.
+
+        Called on a fresh instance built with the same options, in place of ``fit``; afterwards
+        ``tune``, ``score`` and ``metadata`` behave exactly as after ``fit`` (same direction,
+        same values). ``ctx`` is the ``FitContext`` ``fit`` would have received, which the core
+        always passes: take from it only what is not learned, such as the classifier for input
+        gradients (``ctx.model``) and the device, never a refit. Without it, load onto the CPU;
+        a detector that needs the classifier then raises ``PluginError``.
+        Default: ``NotImplementedError`` (see ``state_dict``).
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def stores_state(cls) -> bool:
+        """Whether the class overrides both ``state_dict`` and ``load_state_dict``, so its fits can be stored."""
+        return (cls.state_dict is not Detector.state_dict
+                and cls.load_state_dict is not Detector.load_state_dict)
 
 
 class TaskFailed(Exception):
