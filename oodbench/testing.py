@@ -7,7 +7,10 @@ In a plugin's tests::
     def test_contract():
         assert_detector_contract(MyDetector)
 
-``check_detector`` returns the list of violations instead of raising. The kit builds its own
+``check_detector`` returns the list of violations instead of raising. A class that stores its
+fitted state (``Detector.stores_state``) is also checked for a round trip: its ``state_dict``
+after fit, written with ``np.savez`` and read back without pickle, loaded into a fresh
+instance, must give the fitted detector's scores and metadata exactly. The kit builds its own
 tiny problem (no dataset or model plugin needed): 4x4 one-channel images, a fixed classifier
 whose logits are minus squared distances to four class prototypes and whose penultimate
 features are the pixels (intermediate layers, for detectors that need ``"layers"``: the
@@ -18,13 +21,16 @@ sensible detector ranks positives higher.
 from __future__ import annotations
 
 import inspect
+import io
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from .api import NEEDS, ClassifierHandle, Detector, FitContext, Holdout, ImageSet, SplitView
+from .detector_state import from_arrays, to_arrays
 from .metrics import auroc
 
 
@@ -77,10 +83,64 @@ class ToyProblem:
                          labels, allowed, key=name, layers=[layer.numpy() for layer in layers] or None)
 
 
+@dataclass
+class _ToyRun:
+    """One fit (or load) of a detector on the toy problem, its tuning and its scores."""
+
+    detector: Detector
+    pos: np.ndarray
+    neg: np.ndarray
+    choice: Any = None  # what tune() returned, for a class that tunes on sources
+    stored: dict[str, np.ndarray] | None = None  # state_dict() right after fit, as the core stores it
+    state_error: str = ""  # why state_dict() could not be stored
+
+
+def _toy_run(cls: type, options: dict[str, Any], seed: int, state: dict[str, Any] | None = None,
+             store: bool = False) -> _ToyRun:
+    """Fit ``cls`` on the toy problem (or, given a stored ``state``, load it instead), tune if it tunes, score.
+
+    With ``store``, the state is taken as the core takes it: right after ``fit``, before tuning.
+    """
+    toy = ToyProblem(seed)
+    needs = frozenset(cls.needs) | {"logits"}
+    scoring = needs - {"labels"}
+    detector = cls(**options)
+    train = toy.view("train", toy.train, toy.train_y, needs)
+    val = toy.view("val", toy.val, toy.val_y, needs)
+    ctx = FitContext(train.restricted(needs), val.restricted(needs), toy.classes, seed,
+                     torch.device("cpu"), toy.handle if "gradients" in needs else None)
+    stored, state_error = None, ""
+    if state is None:
+        detector.fit(ctx)
+        if store:
+            try:
+                stored = to_arrays(detector.state_dict(), repr(cls.name))
+            except Exception as exc:
+                state_error = f"state_dict() after fit raised {type(exc).__name__}: {exc}"
+    else:
+        detector.load_state_dict(state, ctx)
+    pos = toy.view("positives", toy.pos, None, scoring)
+    neg = toy.view("negatives", toy.neg, None, scoring)
+    choice = None
+    if cls.tunes_on_source:
+        half = len(toy.pos) // 2
+        idx_h, idx_e = np.arange(half), np.arange(half, len(toy.pos))
+        choice = detector.tune(Holdout("toy", pos.subset(idx_h), neg.subset(idx_h)))
+        pos, neg = pos.subset(idx_e), neg.subset(idx_e)
+    return _ToyRun(detector, np.asarray(detector.score(pos)), np.asarray(detector.score(neg)), choice,
+                   stored, state_error)
+
+
+def _with_seed(cls: type, options: dict[str, Any] | None, seed: int) -> dict[str, Any]:
+    options = dict(options or {})
+    if "seed" in inspect.signature(cls.__init__).parameters:
+        options.setdefault("seed", seed)
+    return options
+
+
 def check_detector(cls: type, options: dict[str, Any] | None = None, seed: int = 0) -> list[str]:
     """Every contract violation of detector class ``cls`` on the toy problem, as sentences."""
     problems: list[str] = []
-    options = dict(options or {})
     if not (isinstance(cls, type) and issubclass(cls, Detector)):
         return [f"{cls!r} is not a subclass of oodbench.api.Detector"]
     if not cls.name:
@@ -92,35 +152,20 @@ def check_detector(cls: type, options: dict[str, Any] | None = None, seed: int =
     unknown = set(cls.needs) - NEEDS
     if unknown:
         problems.append(f"needs has unknown entries {sorted(unknown)}; allowed: {sorted(NEEDS)}")
-    if "seed" in inspect.signature(cls.__init__).parameters:
-        options.setdefault("seed", seed)
-
-    def fit_and_score() -> tuple[Detector, np.ndarray, np.ndarray]:
-        toy = ToyProblem(seed)
-        needs = frozenset(cls.needs) | {"logits"}
-        scoring = needs - {"labels"}
-        detector = cls(**options)
-        train = toy.view("train", toy.train, toy.train_y, needs)
-        val = toy.view("val", toy.val, toy.val_y, needs)
-        detector.fit(FitContext(train.restricted(needs), val.restricted(needs), toy.classes, seed,
-                                torch.device("cpu"), toy.handle if "gradients" in needs else None))
-        pos = toy.view("positives", toy.pos, None, scoring)
-        neg = toy.view("negatives", toy.neg, None, scoring)
-        if cls.tunes_on_source:
-            half = len(toy.pos) // 2
-            idx_h, idx_e = np.arange(half), np.arange(half, len(toy.pos))
-            choice = detector.tune(Holdout("toy", pos.subset(idx_h), neg.subset(idx_h)))
-            if not isinstance(choice, dict):
-                problems.append(f"tune() must return a dict of the chosen hyperparameters, got {type(choice).__name__}")
-            pos, neg = pos.subset(idx_e), neg.subset(idx_e)
-        return detector, np.asarray(detector.score(pos)), np.asarray(detector.score(neg))
+    if not cls.stores_state() and (cls.state_dict is not Detector.state_dict
+                                   or cls.load_state_dict is not Detector.load_state_dict):
+        problems.append("implements only one of state_dict and load_state_dict: a state is stored only with both")
+    options = _with_seed(cls, options, seed)
 
     try:
-        detector, pos, neg = fit_and_score()
+        first = _toy_run(cls, options, seed, store=cls.stores_state())
     except Exception as exc:  # the kit reports, it does not stop at the first problem
         problems.append(f"fit/score raised {type(exc).__name__}: {exc}")
         return problems
-    for side, values, n in (("positives", pos, 32 if cls.tunes_on_source else 64), ("negatives", neg, 32 if cls.tunes_on_source else 64)):
+    if cls.tunes_on_source and not isinstance(first.choice, dict):
+        problems.append(f"tune() must return a dict of the chosen hyperparameters, got {type(first.choice).__name__}")
+    n = 32 if cls.tunes_on_source else 64
+    for side, values in (("positives", first.pos), ("negatives", first.neg)):
         if values.shape != (n,):
             problems.append(f"score() on {n} {side} returned shape {values.shape}, expected ({n},)")
             return problems
@@ -131,20 +176,67 @@ def check_detector(cls: type, options: dict[str, Any] | None = None, seed: int =
         if bad:
             problems.append(f"score() returned {bad} non-finite values on {side}")
             return problems
-    separation = auroc(pos, neg)
+    separation = auroc(first.pos, first.neg)
     if separation < 0.5:
         problems.append(f"scores look inverted: AUROC {separation:.3f} < 0.5 on the obvious case "
                         "(higher must mean more trustworthy)")
     try:
-        json.dumps(detector.metadata())
+        json.dumps(first.detector.metadata())
     except Exception as exc:
         problems.append(f"metadata() is not JSON-serialisable: {exc}")
     try:
-        _, pos2, neg2 = fit_and_score()
-        if not (np.array_equal(pos, pos2) and np.array_equal(neg, neg2)):
+        second = _toy_run(cls, options, seed)
+        if not (np.array_equal(first.pos, second.pos) and np.array_equal(first.neg, second.neg)):
             problems.append("not deterministic: two fits with the same seed gave different scores")
     except Exception as exc:
         problems.append(f"second fit raised {type(exc).__name__}: {exc}")
+    if cls.stores_state():
+        problems += _round_trip_problems(cls, options, seed, first)
+    return problems
+
+
+def check_state_round_trip(cls: type, options: dict[str, Any] | None = None, seed: int = 0) -> list[str]:
+    """The problems of storing ``cls``'s fit: one fit, the state stored as the core stores it, one load.
+
+    The part of ``check_detector`` about ``state_dict``/``load_state_dict`` alone, for a quick
+    test with options too small for the rest of the contract (few epochs, tiny networks).
+    """
+    if not cls.stores_state():
+        return [f"{cls.__name__} does not implement both state_dict and load_state_dict"]
+    options = _with_seed(cls, options, seed)
+    try:
+        first = _toy_run(cls, options, seed, store=True)
+    except Exception as exc:
+        return [f"fit/score raised {type(exc).__name__}: {exc}"]
+    return _round_trip_problems(cls, options, seed, first)
+
+
+def _round_trip_problems(cls: type, options: dict[str, Any], seed: int, fitted: _ToyRun) -> list[str]:
+    """Store the fit's state as the cache does (``np.savez``, read back without pickle), load it into a fresh
+    instance with the same options, and compare tuning, scores and metadata with the fitted detector's."""
+    if fitted.stored is None:
+        return [fitted.state_error]
+    buffer = io.BytesIO()
+    np.savez(buffer, **fitted.stored)
+    buffer.seek(0)
+    try:
+        with np.load(buffer, allow_pickle=False) as data:
+            state = from_arrays({name: data[name] for name in data.files})
+        loaded = _toy_run(cls, options, seed, state=state)
+    except Exception as exc:
+        return [f"state round trip (state_dict, np.savez, np.load without pickle, load_state_dict) raised "
+                f"{type(exc).__name__}: {exc}"]
+    problems = []
+    if not (np.array_equal(fitted.pos, loaded.pos) and np.array_equal(fitted.neg, loaded.neg)):
+        problems.append("load_state_dict does not restore the fit: scores after a state round trip differ from "
+                        "the fitted detector's")
+    try:
+        for what, after_fit, after_load in (("tune()", fitted.choice, loaded.choice),
+                                            ("metadata()", fitted.detector.metadata(), loaded.detector.metadata())):
+            if json.dumps(after_fit, sort_keys=True, default=repr) != json.dumps(after_load, sort_keys=True, default=repr):
+                problems.append(f"{what} after load_state_dict differs from {what} after fit")
+    except Exception as exc:
+        problems.append(f"metadata() after load_state_dict raised {type(exc).__name__}: {exc}")
     return problems
 
 

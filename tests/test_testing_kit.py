@@ -72,12 +72,50 @@ class NaNs(Detector):
         return np.full(len(view), np.nan)
 
 
+class Forgetful(Detector):
+    """Stores its state but does not load it back."""
+
+    name = "forgetful"
+    offset = 0.0
+
+    def fit(self, ctx):
+        self.offset = float(ctx.train.logits.max())
+
+    def score(self, view):
+        return view.logits.max(1) - self.offset
+
+    def state_dict(self):
+        return {"offset": self.offset}
+
+    def load_state_dict(self, state, ctx=None):
+        pass
+
+
+class Pickler(Forgetful):
+    """Stores a Python object that only pickle could write."""
+
+    name = "pickler"
+
+    def state_dict(self):
+        return {"offset": self.offset, "fitted_on": object()}
+
+
+class HalfStored(Forgetful):
+    """Implements state_dict without load_state_dict."""
+
+    name = "half-stored"
+    load_state_dict = Detector.load_state_dict
+
+
 @pytest.mark.parametrize("cls, message", [
     (Inverted, "scores look inverted"),
     (Random, "not deterministic"),
     (WrongShape, "returned shape (65,)"),
     (Sneaky, "read 'labels' of train without declaring it"),
     (NaNs, "non-finite values"),
+    (Forgetful, "load_state_dict does not restore the fit"),
+    (Pickler, "'fitted_on']: a builtins.object is neither a numeric array nor JSON"),
+    (HalfStored, "implements only one of state_dict and load_state_dict"),
 ])
 def test_the_kit_catches(cls, message):
     problems = check_detector(cls)
