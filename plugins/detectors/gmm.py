@@ -10,6 +10,7 @@ import torch
 from oodbench.api import Detector, FitContext, PluginError, SplitView
 
 from .gmm_em import DiagonalGMM, fit_diagonal_gmm
+from .stored import device_of, under_prefix, with_prefix
 
 #: Fewest training points per component, on average: with fewer, a component's D variances rest on
 #: a handful of points and the mixture memorises the training set. k is clamped to n // this.
@@ -118,6 +119,15 @@ class FeatureGMM(_EMOptions, Detector):
             "val_bpd": _mean_bpd(self.gmm, self._tensor(ctx.val.features, ctx.device)),
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        if self.gmm is None:
+            raise PluginError(f"{self.name}: state_dict() called before fit()")
+        return {**with_prefix(self.gmm.to_state(), "gmm."), "metadata": dict(self._metadata)}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: FitContext | None = None) -> None:
+        self.gmm = DiagonalGMM.from_state(under_prefix(state, "gmm."), device_of(ctx))
+        self._metadata = dict(state["metadata"])
+
     def score(self, view: SplitView) -> np.ndarray:
         if self.gmm is None:
             raise PluginError(f"{self.name}: score() called before fit()")
@@ -177,6 +187,19 @@ class ZhengHong(_EMOptions, Detector):
             self._fit(self._tensor(features[labels == c], ctx.device), ctx.progress, f"{self.name} class {c}")
             for c in range(ctx.num_classes)
         ]
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.mixtures:
+            raise PluginError(f"{self.name}: state_dict() called before fit()")
+        state: dict[str, Any] = {"classes": len(self.mixtures)}
+        for c, mixture in enumerate(self.mixtures):
+            state.update(with_prefix(mixture.to_state(), f"class{c}."))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], ctx: FitContext | None = None) -> None:
+        device = device_of(ctx)
+        self.mixtures = [DiagonalGMM.from_state(under_prefix(state, f"class{c}."), device)
+                         for c in range(int(state["classes"]))]
 
     def score(self, view: SplitView) -> np.ndarray:
         if not self.mixtures:

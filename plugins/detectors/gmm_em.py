@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -117,6 +117,20 @@ class DiagonalGMM:
     def bits_per_dim(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """-log2 p(x) / D per row: the paper's BPD (negative values are fine for a density)."""
         return -self.log_likelihood(x) / (self.n_features * math.log(2.0))
+
+    def to_state(self) -> dict[str, Any]:
+        """The mixture as a detector state (``oodbench.api.Detector.state_dict``): its three tensors as arrays."""
+        return {"weights": self.weights.cpu().numpy(), "means": self.means.cpu().numpy(),
+                "variances": self.variances.cpu().numpy(), "converged": self.converged, "n_iter": self.n_iter,
+                "lower_bound": self.lower_bound, "chunk_size": self.chunk_size}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> "DiagonalGMM":
+        """The mixture ``to_state`` described, on ``device``: same dtype and values, so the same log-likelihoods."""
+        weights, means, variances = (torch.tensor(state[name], device=device)
+                                     for name in ("weights", "means", "variances"))
+        return cls(weights, means, variances, bool(state["converged"]), int(state["n_iter"]),
+                   float(state["lower_bound"]), int(state["chunk_size"]))
 
 
 class _ComponentTerms:

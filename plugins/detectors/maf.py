@@ -11,6 +11,7 @@ from torch import nn
 
 from oodbench.api import Detector, FitContext, PluginError, SplitView
 
+from .stored import build_unseeded, device_of, load_module_arrays, module_arrays, under_prefix, with_prefix
 from .vae import TRAINING_DTYPES, Standardiser
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -240,6 +241,19 @@ class FeatureMAF(Detector):
             "mean_train_score": float(self.score(ctx.train).mean()),
             "mean_val_score": float(self.score(ctx.val).mean()),
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        # The flow in float64 (MADE masks and batch-norm statistics included), the standardisation, the metadata.
+        return {**with_prefix(self.standardiser.to_state(), "standardiser."),
+                **with_prefix(module_arrays(self.flow), "flow."), "metadata": dict(self._meta)}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: FitContext | None = None) -> None:
+        self.device = device_of(ctx)
+        self.standardiser = Standardiser.from_state(under_prefix(state, "standardiser."))
+        flow = build_unseeded(lambda: _MAF(len(self.standardiser.mean), self.layers, self.hidden, self.hidden_layers,
+                                           self.batch_norm, self.max_log_scale))
+        self.flow = load_module_arrays(flow.double(), under_prefix(state, "flow.")).to(self.device).eval()
+        self._meta = dict(state["metadata"])
 
     @torch.no_grad()
     def score(self, view: SplitView) -> np.ndarray:

@@ -10,6 +10,7 @@ from oodbench.api import ClassifierHandle, Detector, FitContext, PluginError, Sp
 from oodbench.metrics import fpr_at_tpr
 
 from .odin import fgsm
+from .stored import classifier_of
 
 #: Lee et al.'s noise magnitudes (the authors' script uses the first seven: 0 ... 0.01).
 LEE_EPSILONS = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01, 0.05, 0.1, 0.2)
@@ -91,6 +92,13 @@ class Mahalanobis(Detector):
             raise PluginError(f"{self.name}: call fit() before score()")
         return self._whiten, self._centers
 
+    def state_dict(self) -> dict[str, Any]:
+        whiten, centers = self._fitted()
+        return {"whiten": whiten, "centers": centers}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: FitContext | None = None) -> None:
+        self._whiten, self._centers = state["whiten"], state["centers"]
+
     def min_distance(self, features: np.ndarray) -> np.ndarray:
         """min_c (f - mu_c)^T Sigma^+ (f - mu_c) for each row of ``features``."""
         return min_distance(*self._fitted(), features)
@@ -167,6 +175,14 @@ class MahalanobisPreprocessed(Mahalanobis):
             scores = self._scores(model, images, direction, epsilon)
             self.val_fpr95[str(epsilon)] = fpr_at_tpr(scores[:len(clean)], scores[len(clean):], 0.95)
         self.epsilon = min(self.epsilons, key=lambda e: self.val_fpr95[str(e)])  # min keeps the first (smallest) of ties
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "epsilon": self.epsilon, "val_fpr95": dict(self.val_fpr95)}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: FitContext | None = None) -> None:
+        super().load_state_dict(state, ctx)
+        self._model = classifier_of(ctx, self.name)
+        self.epsilon, self.val_fpr95 = float(state["epsilon"]), dict(state["val_fpr95"])
 
     def score(self, view: SplitView) -> np.ndarray:
         if self.epsilon == 0.0:

@@ -19,6 +19,7 @@ from oodbench.metrics import fpr_at_tpr
 
 from .mahalanobis import closest_distance_torch, fit_tied_gaussian, min_distance
 from .odin import fgsm
+from .stored import classifier_of, under_prefix, with_prefix
 
 #: The noise magnitudes of the authors' regression script (pixel space).
 ENSEMBLE_EPSILONS = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)
@@ -66,6 +67,41 @@ def _fit_regression(x: np.ndarray, y: np.ndarray):
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", FutureWarning)
         return regression.fit(x, y)
+
+
+@dataclass(frozen=True)
+class _Regression:
+    """A fitted ``_fit_regression`` pipeline as its four arrays: what the detector keeps, scores with and stores.
+
+    ``decision_function`` repeats the pipeline's arithmetic step for step (StandardScaler's
+    ``(x - mean) / scale``, then ``@ coef.T + intercept``), so its values are scikit-learn's
+    to the bit, while the stored state holds arrays rather than a pickled estimator.
+    """
+
+    mean: np.ndarray  # (L,)
+    scale: np.ndarray  # (L,)
+    coef: np.ndarray  # (1, L)
+    intercept: np.ndarray  # (1,)
+
+    @classmethod
+    def of(cls, pipeline) -> "_Regression":
+        scaler, logistic = pipeline[0], pipeline[-1]
+        return cls(scaler.mean_, scaler.scale_, logistic.coef_, logistic.intercept_)
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        standardised = (np.asarray(x, dtype=np.float64) - self.mean) / self.scale
+        return (standardised @ self.coef.T + self.intercept).reshape(-1)
+
+    def layer_weights(self) -> list[float]:
+        """alpha_l of score = b + sum_l alpha_l M_l: the coefficients in unstandardised units."""
+        return (self.coef[0] / self.scale).tolist()
+
+    def to_state(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean, "scale": self.scale, "coef": self.coef, "intercept": self.intercept}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> "_Regression":
+        return cls(state["mean"], state["scale"], state["coef"], state["intercept"])
 
 
 class MahalanobisEnsemble(Detector):
@@ -116,7 +152,7 @@ class MahalanobisEnsemble(Detector):
         self.fgsm_epsilon = float(fgsm_epsilon)
         self._gaussians: list[tuple[np.ndarray, np.ndarray]] = []
         self._memo: dict[tuple[float, bytes], np.ndarray] = {}
-        self._regression = None
+        self._regression: _Regression | None = None
         self._model: ClassifierHandle | None = None
         self._val: SplitView | None = None
         self._seed = 0
@@ -135,6 +171,21 @@ class MahalanobisEnsemble(Detector):
         if ctx.model is None:
             raise PluginError(f"{self.name} needs the classifier (FitContext.model) for input gradients")
         self._model, self._val, self._seed = ctx.model, ctx.val, ctx.seed
+
+    def state_dict(self) -> dict[str, Any]:
+        # The per-layer Gaussians; the per-source choice is tune()'s, made again for every source after loading,
+        # and the validation fallback is recomputed from ctx.val when needed, as after fit.
+        if not self._gaussians:
+            raise PluginError(f"{self.name}: call fit() before state_dict()")
+        state: dict[str, Any] = {"layers": len(self._gaussians)}
+        for i, (whiten, centers) in enumerate(self._gaussians):
+            state.update({f"layer{i}.whiten": whiten, f"layer{i}.centers": centers})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], ctx: FitContext | None = None) -> None:
+        self._model = classifier_of(ctx, self.name)
+        self._val, self._seed, self._memo = ctx.val, ctx.seed, {}
+        self._gaussians = [(state[f"layer{i}.whiten"], state[f"layer{i}.centers"]) for i in range(int(state["layers"]))]
 
     def layer_scores(self, view: SplitView, epsilon: float) -> np.ndarray:
         """N x L matrix of M_l(x) at noise magnitude ``epsilon``."""
@@ -200,15 +251,14 @@ class MahalanobisEnsemble(Detector):
         for epsilon in self.epsilons:
             x = np.concatenate([pos[epsilon][:half_pos], neg[epsilon][:half_neg]])
             y = np.r_[np.ones(half_pos), np.zeros(half_neg)]
-            regression = _fit_regression(x, y)
+            regression = _Regression.of(_fit_regression(x, y))
             fpr = fpr_at_tpr(regression.decision_function(pos[epsilon][half_pos:]),
                              regression.decision_function(neg[epsilon][half_neg:]), 0.95)
             self.tuning_fpr95[str(epsilon)] = float(fpr)
             if best is None or fpr < best[0]:
                 best = (fpr, epsilon, regression)
         _, self.epsilon, self._regression = best
-        weights = self._regression[-1]
-        return {"epsilon": self.epsilon, "layer_weights": (weights.coef_[0] / self._regression[0].scale_).tolist()}
+        return {"epsilon": self.epsilon, "layer_weights": self._regression.layer_weights()}
 
     def tune(self, holdout: Holdout) -> dict[str, Any]:
         n_pos, n_neg = len(holdout.positives), len(holdout.negatives)
@@ -269,6 +319,19 @@ class MahalanobisEnsembleNoOOD(MahalanobisEnsemble):
     def fit(self, ctx: FitContext) -> None:
         super().fit(ctx)
         self.choice = self.choose_on_validation()
+
+    def state_dict(self) -> dict[str, Any]:
+        # fit's validation choice: eps, the regression and what tuning measured (the same as _validation_choice)
+        gaussians = super().state_dict()  # raises before fit, which sets the regression too
+        return {**gaussians, **with_prefix(self._regression.to_state(), "regression."),
+                "epsilon": self.epsilon, "choice": dict(self.choice), "tuning_fpr95": dict(self.tuning_fpr95)}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: FitContext | None = None) -> None:
+        super().load_state_dict(state, ctx)
+        self.epsilon, self.choice = float(state["epsilon"]), dict(state["choice"])
+        self._regression = _Regression.from_state(under_prefix(state, "regression."))
+        self.tuning_fpr95 = dict(state["tuning_fpr95"])
+        self._validation_choice = (dict(self.choice), self.epsilon, self._regression)
 
     def metadata(self) -> dict[str, Any]:
         return {**super().metadata(), "choice": self.choice}

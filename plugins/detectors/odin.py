@@ -14,6 +14,8 @@ from scipy.special import log_softmax
 from oodbench.api import ClassifierHandle, Detector, FitContext, Holdout, PluginError, SplitView
 from oodbench.metrics import fpr_at_tpr
 
+from .stored import classifier_of
+
 #: The paper's grid (Section 4, "Choosing parameters").
 PAPER_TEMPERATURES = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 PAPER_EPSILONS = tuple(float(e) for e in np.linspace(0.0, 0.004, 21))
@@ -176,6 +178,14 @@ class Odin(Detector):
         if self._model is None:
             raise PluginError(f"{self.name}: call fit() before tune() or score()")
         return self._model
+
+    def state_dict(self) -> dict[str, Any]:
+        # The (T, eps) in use: the options' until tune() picks per source, what fit chose for odin-nood.
+        return {"choice": dict(self.choice)}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: FitContext | None = None) -> None:
+        self._model = classifier_of(ctx, self.name)
+        self.choice = dict(state["choice"])
 
     def tune(self, holdout: Holdout) -> dict[str, Any]:
         temperature, epsilon, fpr, directions = grid_search(

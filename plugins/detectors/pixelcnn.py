@@ -16,6 +16,8 @@ from torch import nn
 
 from oodbench.api import Detector, FitContext, PluginError, SplitView
 
+from .stored import build_unseeded, device_of, load_module_arrays, module_arrays, under_prefix, with_prefix
+
 #: Named hyperparameter sets; explicit options override them.
 CONFIGS: dict[str, dict[str, Any]] = {
     # Trains in seconds on 2 CPU cores on the 1,078 8x8 digits of the default benchmark.
@@ -328,6 +330,20 @@ class PixelCNNPP(Detector):
             "val_bpd": self.bits_per_dim(ctx.val),
             "parameters": sum(p.numel() for p in net.parameters()),
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.net is None:
+            raise PluginError("pixelcnn: state_dict called before fit")
+        channels = self.net.u_init.conv.in_channels - 1  # the network adds a channel of ones
+        return {**with_prefix(module_arrays(self.net), "net."), "channels": channels, "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: FitContext | None = None) -> None:
+        hp = self.hparams
+        net = build_unseeded(lambda: PixelCNNNet(int(state["channels"]), hp["nr_resnet"], hp["nr_filters"],
+                                                 hp["nr_logistic_mix"], hp["dropout"]))
+        self.device = device_of(ctx)
+        self.net = load_module_arrays(net, under_prefix(state, "net.")).to(self.device).eval()
+        self.stats = dict(state["stats"])
 
     def log_likelihood(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
         """log p(x) in nats of each image (NCHW in [0, 1], uint8 or float32), float64."""

@@ -95,6 +95,15 @@ class TemperatureScaling(Detector):
             "val_ece_after": expected_calibration_error(logits, labels, self.temperature, self.ece_bins),
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        if self.temperature is None:
+            raise PluginError(f"{self.name}: call fit() before state_dict()")
+        return {"temperature": self.temperature, "facts": dict(self._facts)}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: FitContext | None = None) -> None:
+        self.temperature = float(state["temperature"])  # JSON keeps a float's every bit (it writes repr)
+        self._facts = dict(state["facts"])
+
     def score(self, view: SplitView) -> np.ndarray:
         if self.temperature is None:
             raise PluginError(f"{self.name}: call fit() before score()")

@@ -11,6 +11,8 @@ from torch import nn
 
 from oodbench.api import Detector, FitContext, PluginError, SplitView
 
+from .stored import build_unseeded, device_of, load_module_arrays, module_arrays, under_prefix, with_prefix
+
 _LOG_2PI = math.log(2.0 * math.pi)
 #: Training precision of the feature-density networks. float64 by default: float32 rounding differs between
 #: CPUs (AVX2 vs AVX-512 kernels), and 30 epochs of Adam amplify it into AUROCs 0.01-0.07 apart; in float64 two
@@ -37,6 +39,17 @@ class Standardiser:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return (x.astype(np.float64) - self.mean) / self.scale
+
+    def to_state(self) -> dict[str, Any]:
+        return {"mean": self.mean, "scale": self.scale, "constant": self.constant, "log_scale": self.log_scale}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Standardiser":
+        """The standardiser ``to_state`` described, without the features it was fitted on."""
+        standardiser = cls.__new__(cls)
+        standardiser.mean, standardiser.scale = state["mean"], state["scale"]
+        standardiser.constant, standardiser.log_scale = state["constant"], float(state["log_scale"])
+        return standardiser
 
 
 class _GaussianVAE(nn.Module):
@@ -189,6 +202,18 @@ class FeatureVAE(Detector):
             "mean_train_score": float(self.score(ctx.train).mean()),
             "mean_val_score": float(self.score(ctx.val).mean()),
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        # The scoring network (float64), the standardisation and the metadata; the optimiser's state is not needed to score.
+        return {**with_prefix(self.standardiser.to_state(), "standardiser."),
+                **with_prefix(module_arrays(self.net), "net."), "metadata": dict(self._meta)}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: FitContext | None = None) -> None:
+        self.device = device_of(ctx)
+        self.standardiser = Standardiser.from_state(under_prefix(state, "standardiser."))
+        net = build_unseeded(lambda: _GaussianVAE(len(self.standardiser.mean), self.hidden, self.latent, self.min_var))
+        self.net = load_module_arrays(net.double(), under_prefix(state, "net.")).to(self.device).eval()
+        self._meta = dict(state["metadata"])
 
     @torch.no_grad()
     def score(self, view: SplitView) -> np.ndarray:

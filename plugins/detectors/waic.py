@@ -9,6 +9,8 @@ import numpy as np
 
 from oodbench.api import Detector, FitContext, PluginError, SplitView
 
+from .stored import under_prefix, with_prefix
+
 #: Member density models: name -> (module, relative to this package when it starts with ".",
 #: class). Imported only when used, so a WAIC over Gaussian mixtures never loads the pixel
 #: model's code, and vice versa.
@@ -90,6 +92,26 @@ class GenerativeEnsemble(Detector):
             ctx.progress(f"waic: fitting member {m + 1}/{self.M} ({self.member}, seed {seed})")
             member = cls(**self.member_options, seed=seed)
             member.fit(dataclasses.replace(ctx, seed=seed))
+            self.members.append(member)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Every member's own state under "member<m>.": a member without one (none built in) cannot be stored.
+        if not self.members:
+            raise PluginError("waic: state_dict called before fit")
+        state: dict[str, Any] = {"members": len(self.members)}
+        for m, member in enumerate(self.members):
+            state.update(with_prefix(member.state_dict(), f"member{m}."))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], ctx: FitContext | None = None) -> None:
+        if int(state["members"]) != self.M:
+            raise PluginError(f"waic: the stored state has {state['members']} members, not M={self.M}")
+        cls = self._member_class()
+        self.members = []
+        for m, seed in enumerate(self.seeds):
+            member = cls(**self.member_options, seed=seed)
+            member.load_state_dict(under_prefix(state, f"member{m}."),
+                                   None if ctx is None else dataclasses.replace(ctx, seed=seed))
             self.members.append(member)
 
     def member_log_likelihoods(self, view: SplitView) -> np.ndarray:
