@@ -89,7 +89,7 @@ class RunOptions:
     benchmark: Benchmark
     detectors: list[DetectorSpec]
     seeds: list[int]
-    cache_dir: Path | None
+    cache_dir: Path | str | None  # a local folder, an fsspec URL, or None for no store
     data_dir: Path
     device: torch.device
     batch_size: int | None = None
@@ -340,22 +340,42 @@ class SeedWork:
         state: dict[str, Any] = {"detector": None, "fit_error": None, "fit_seconds": 0.0}
 
         def fitted() -> Detector:
+            """The fitted detector. One that stores its state (``Detector.stores_state``) is fitted once per key
+            while caching is on; later tasks and runs load the stored state (arrays, no pickle) instead."""
+            from .detector_state import from_arrays, to_arrays
+
             if state["fit_error"] is not None:
                 raise state["fit_error"]
             if state["detector"] is None:
-                started = time.perf_counter()
+                started, step = time.perf_counter(), "fit"
                 try:
                     _seed_everything(self.seed)
                     detector = cls(**resolved)
                     fit_train = train_labelled if "labels" in needs else train
                     ctx = FitContext(fit_train.restricted(needs), val.restricted(needs), int(train.logits.shape[1]),
                                      self.seed, self.opts.device, handle if "gradients" in needs else None)
-                    with handle.activity(f"detector:{spec.label}:fit"), \
-                            self.progress.status(f"fitting {spec.label}") as say:
-                        ctx.progress = say
-                        detector.fit(ctx)
+
+                    def fit() -> None:
+                        with handle.activity(f"detector:{spec.label}:fit"), \
+                                self.progress.status(f"fitting {spec.label}") as say:
+                            ctx.progress = say
+                            detector.fit(ctx)
+
+                    def fit_and_store() -> dict[str, np.ndarray]:
+                        nonlocal step
+                        fit()
+                        step = "storing the fitted state"
+                        return to_arrays(detector.state_dict(), spec.label)
+
+                    if not (cls.stores_state() and self.cache.root is not None):
+                        fit()
+                    else:
+                        arrays = self.cache.arrays(make_key("fitted", detector=det_key), fit_and_store)
+                        if step == "fit":  # fit_and_store did not run: an earlier task or run stored the state
+                            step = "loading the stored fitted state"
+                            detector.load_state_dict(from_arrays(arrays), ctx)
                 except PLUGIN_FAILURES as exc:
-                    state["fit_error"] = _FitFailed(f"fit failed: {_describe(exc)}")
+                    state["fit_error"] = _FitFailed(f"{step} failed: {_describe(exc)}")
                     raise state["fit_error"] from exc
                 finally:
                     state["fit_seconds"] = time.perf_counter() - started
