@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from oodbench import hookimpl
-from oodbench.api import Detector
+from oodbench.api import Detector, Executor
 from oodbench.benchmark import load_benchmark
 from oodbench.cli import parse_detectors
 from oodbench.leaderboard import csv_text, results_frame
@@ -82,11 +82,27 @@ class DiesOnce(_MaxLogit):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class Backwards(Executor):
+    """A third-party executor: runs the independent tasks last-first (collecting in plan order is the driver's)."""
+
+    name = "backwards"
+
+    def run(self, tasks, done):
+        results = {}
+        for task in [t for t in tasks if not t.deps] + [t for t in reversed(tasks) if t.deps]:
+            results[task.key] = task.fn(*task.args, *(results[d] for d in task.deps))
+            done(task, results[task.key])
+
+
 class Misbehaving:
     @hookimpl
     def oodbench_register_detectors(self, register):
         for cls in (Quitter, Crasher, Interrupter, Sleeper, DiesOnce):
             register(cls)
+
+    @hookimpl
+    def oodbench_register_executors(self, register):
+        register(Backwards)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +141,14 @@ def test_local_inline_and_dask_give_byte_identical_results(registry, shared_cach
         for name in ("inline", "local", "dask")}
     assert frames["local"] == frames["inline"]
     assert frames["dask"] == frames["inline"]
+
+
+def test_a_plugin_executor_that_runs_tasks_in_another_order_gives_the_same_rows(misbehaving, shared_cache):
+    assert misbehaving.get("executors", "backwards").provider != "oodbench"
+    inline = run_benchmark(_options(misbehaving, "msp,gmm", shared_cache, executor="inline"), misbehaving)
+    backwards = run_benchmark(_options(misbehaving, "msp,gmm", shared_cache, executor="backwards"), misbehaving)
+    assert csv_text(results_frame(backwards.rows)) == csv_text(results_frame(inline.rows))
+    assert [t["label"] for t in backwards.meta["executor"]["per_task"]] == ["prepare seed 0", "msp seed 0", "gmm seed 0"]
 
 
 def test_dask_reruns_a_task_whose_worker_died(registry, misbehaving, shared_cache, tmp_path):
