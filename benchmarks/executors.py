@@ -1,0 +1,230 @@
+"""The default benchmark under the ``local`` and ``dask`` executors: wall time, speed-up, driver overhead.
+
+Full mode (issue text: "3 seeds and all detectors under ``local`` and under ``dask`` with 2
+workers on this 2-core machine"): the offline default benchmark (``digits``), seeds 0, 1, 2,
+every installed detector, run in this one process one executor after the other:
+
+* ``local``: one worker process, tasks one after another, torch threads = 2;
+* ``dask``: a LocalCluster of 2 worker processes, one torch thread each;
+* ``inline``: every task in this process (torch threads = 2), for reference.
+
+Each executor starts from an EMPTY store of its own (a fresh temporary folder), so every
+executor computes everything: no executor reads what another stored. (The digits network's
+weights ship with oodbench, so "everything" is loading them, extracting the shared outputs,
+the attacks, and fitting, tuning and scoring every detector; nothing is trained.)
+
+Per executor the JSON has the wall seconds of ``run_benchmark``, the sum of the tasks' own
+seconds (as each task timed itself on its worker), those seconds per task kind, and the
+driver's overhead per task:
+
+* sequential executors (``local``, ``inline``): (wall - sum of task seconds) / tasks;
+* ``dask``: (wall - sum of task seconds / workers) / tasks, an UPPER BOUND: sum / workers is
+  the least the work could take on that many workers, while dependencies (a seed's detector
+  tasks wait for its prepare task) and uneven task lengths make the real critical work longer.
+  The tighter bound with the plan's longest chain, max(sum / workers, chain), is given too.
+
+Overheads include what a task does outside its own timer: starting workers (the local
+executor's fork server, Dask's LocalCluster), shipping tasks and their results (rows and
+scores), and, on a Dask worker that did not prepare a seed, reading that seed's outputs back
+from the store before the detector task's timer starts.
+
+The results CSV (``csv_text(results_frame(rows))``) of every executor is compared with the
+first one's; the JSON records whether each is identical. No assertion on time.
+
+    python benchmarks/executors.py --out executors.json            # full: run on an idle machine
+    python benchmarks/executors.py --quick --out executors-quick.json
+
+Quick mode (the test suite's): one seed, msp and gmm, ``local`` and ``dask``, a cut-down
+benchmark (one OOD set, one eps per attack).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from oodbench.benchmark import Benchmark, load_benchmark
+from oodbench.cli import parse_detectors
+from oodbench.leaderboard import csv_text, results_frame
+from oodbench.plugins import Registry, build_registry
+from oodbench.provenance import environment
+from oodbench.runner import RunOptions, run_benchmark
+
+#: executor name -> (workers, torch threads per worker); the issue's setting for a 2-core machine
+EXECUTORS: dict[str, tuple[int, int]] = {"local": (1, 2), "dask": (2, 1), "inline": (1, 2)}
+SEQUENTIAL = {"local", "inline"}
+FULL = {"benchmark": "digits", "seeds": [0, 1, 2], "detectors": "all", "executors": ["local", "dask", "inline"]}
+QUICK = {"benchmark": "digits", "seeds": [0], "detectors": "msp,gmm", "executors": ["local", "dask"]}
+
+
+def small(bench: Benchmark) -> Benchmark:
+    """The quick mode's benchmark: the first OOD set and the middle eps of each attack."""
+    return replace(bench, ood=bench.ood[:1], attacks=tuple(replace(a, eps=a.eps[len(a.eps) // 2:][:1])
+                                                           for a in bench.attacks))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """This process's torch threads (the inline executor runs its tasks here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def longest_chain(per_task: list[dict[str, Any]]) -> float:
+    """Seconds of the plan's longest dependency chain: a seed's prepare task, then its longest detector task."""
+    prepare: dict[str, float] = {}
+    longest: dict[str, float] = defaultdict(float)
+    for task in per_task:
+        seed = task["label"].rsplit(" seed ", 1)[1]
+        if task["kind"] == "prepare":
+            prepare[seed] = task["seconds"]
+        else:
+            longest[seed] = max(longest[seed], task["seconds"])
+    return max((seconds + longest[seed] for seed, seconds in prepare.items()), default=0.0)
+
+
+def measure(name: str, bench: Benchmark, registry: Registry, detectors: str, seeds: list[int]) -> tuple[dict, str]:
+    """Run ``bench`` under executor ``name`` from an empty store of its own: its figures and its results CSV."""
+    workers, threads = EXECUTORS[name]
+    with tempfile.TemporaryDirectory(prefix=f"oodbench-executors-{name}-") as store:
+        opts = RunOptions(benchmark=bench, detectors=parse_detectors(detectors), seeds=list(seeds),
+                          cache_dir=Path(store), data_dir=Path("."), device=torch.device("cpu"), progress=False,
+                          executor=name, workers=workers, threads=threads)
+        load_before = os.getloadavg()[0]
+        with torch_threads(threads) if name == "inline" else contextlib.nullcontext():
+            started = time.perf_counter()
+            result = run_benchmark(opts, registry)
+            outside = time.perf_counter() - started
+        load_after = os.getloadavg()[0]
+    per_task = result.meta["executor"]["per_task"]
+    wall = result.meta["wall_seconds"]
+    n = len(per_task)
+    task_seconds = sum(t["seconds"] for t in per_task)
+    per_kind: dict[str, dict[str, float]] = {}
+    for task in per_task:
+        kind = per_kind.setdefault(task["kind"], {"tasks": 0, "seconds": 0.0})
+        kind["tasks"] += 1
+        kind["seconds"] += task["seconds"]
+    chain = longest_chain(per_task)
+    if name in SEQUENTIAL:
+        critical, tighter, bound = task_seconds, task_seconds, "exact"
+    else:
+        critical, tighter, bound = task_seconds / workers, max(task_seconds / workers, chain), "upper bound"
+    text = csv_text(results_frame(result.rows))
+    record = {
+        "executor": name, "workers": workers, "torch_threads_per_worker": threads,
+        "tasks": n, "tasks_per_kind": result.meta["executor"]["tasks"],
+        "wall_seconds": wall, "run_benchmark_seconds": outside,
+        "task_seconds": task_seconds, "task_seconds_per_kind": per_kind,
+        "longest_chain_seconds": chain,
+        "critical_work_seconds": critical,
+        "driver_overhead_per_task_seconds": (wall - critical) / n if n else 0.0,
+        "driver_overhead_is": bound,
+        "driver_overhead_per_task_seconds_with_chain": (wall - tighter) / n if n else 0.0,
+        "workers_seen": sorted({t["worker"] for t in per_task}),
+        "failed_tasks": [t["label"] for t in per_task if t["status"] != "ok"],
+        "rows": len(result.rows),
+        "results_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "cache": {k: result.meta["cache"][k] for k in ("hits", "misses")},
+        "load_average_before": load_before, "load_average_after": load_after,
+        "per_task": per_task,
+    }
+    return record, text
+
+
+def measure_all(bench: Benchmark, registry: Registry, detectors: str, seeds: list[int],
+                executors: list[str]) -> dict[str, Any]:
+    runs, texts = {}, {}
+    for name in executors:
+        runs[name], texts[name] = measure(name, bench, registry, detectors, seeds)
+        print(f"{name}: {runs[name]['wall_seconds']:.1f} s", file=sys.stderr, flush=True)
+    reference = executors[0]
+    identical = {name: texts[name] == texts[reference] for name in executors}
+    speed_up = (runs["local"]["wall_seconds"] / runs["dask"]["wall_seconds"]
+                if {"local", "dask"} <= runs.keys() and runs["dask"]["wall_seconds"] else None)
+    return {
+        "benchmark": {"name": bench.name, "sha256": bench.sha256, "ood": [o.name for o in bench.ood],
+                      "attacks": [{"plugin": a.plugin, "eps": list(a.eps)} for a in bench.attacks]},
+        "seeds": list(seeds), "detectors": [s.label for s in parse_detectors(detectors)],
+        "store": "each executor starts from an empty store of its own (a fresh temporary folder): all is computed",
+        "driver_overhead": "sequential executors: (wall - sum of task seconds) / tasks; dask: (wall - sum of task "
+                           "seconds / workers) / tasks, an upper bound (dependencies and uneven tasks make the real "
+                           "critical work longer than sum / workers); '_with_chain' uses max(sum / workers, longest "
+                           "chain), a tighter upper bound. Includes starting workers, shipping tasks and results, and "
+                           "a Dask worker's reading back a seed another worker prepared.",
+        "executors": runs,
+        "speed_up_dask_over_local": speed_up,
+        "results_reference": reference,
+        "results_identical": identical,
+        "all_results_identical": all(identical.values()),
+        "cpu_count": os.cpu_count(),
+        "environment": environment(),
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = ["| executor | workers x threads | tasks | wall s | sum of task s | prepare s | detector s "
+             "| overhead / task s | results identical |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, run in report["executors"].items():
+        kinds = run["task_seconds_per_kind"]
+        bound = "" if run["driver_overhead_is"] == "exact" else " (upper bound)"
+        lines.append(f"| {name} | {run['workers']} x {run['torch_threads_per_worker']} | {run['tasks']} "
+                     f"| {run['wall_seconds']:.1f} | {run['task_seconds']:.1f} "
+                     f"| {kinds.get('prepare', {}).get('seconds', 0):.1f} "
+                     f"| {kinds.get('detector', {}).get('seconds', 0):.1f} "
+                     f"| {run['driver_overhead_per_task_seconds']:.2f}{bound} "
+                     f"| {'yes' if report['results_identical'][name] else 'NO'} |")
+    if report["speed_up_dask_over_local"] is not None:
+        lines.append(f"\nspeed-up of dask (2 workers) over local: {report['speed_up_dask_over_local']:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", default=os.environ.get("OODBENCH_BENCH_QUICK") == "1",
+                        help="one seed, msp and gmm, local and dask, a cut-down benchmark (OODBENCH_BENCH_QUICK=1)")
+    parser.add_argument("--out", default="executors.json", help="JSON file to write")
+    parser.add_argument("--benchmark", help="registered benchmark (default digits)")
+    parser.add_argument("--seeds", help="comma-separated seeds (override)")
+    parser.add_argument("--detectors", help="detectors, as oodbench run -d takes them (override; default all)")
+    parser.add_argument("--executors", help="comma-separated among local, dask, inline (override)")
+    args = parser.parse_args(argv)
+    mode = dict(QUICK if args.quick else FULL)
+    registry = build_registry(strict=True)
+    bench = load_benchmark(registry.get("benchmarks", args.benchmark or mode["benchmark"]).target)
+    if args.quick:
+        bench = small(bench)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else mode["seeds"]
+    detectors = args.detectors or mode["detectors"]
+    if detectors == "all":
+        detectors = ",".join(registry.names("detectors"))  # every installed one, as oodbench run without -d
+    executors = args.executors.split(",") if args.executors else mode["executors"]
+    unknown = set(executors) - EXECUTORS.keys()
+    if unknown:
+        parser.error(f"unknown executors {sorted(unknown)}; choose among {', '.join(EXECUTORS)}")
+    report = {"mode": "quick" if args.quick else "full", **measure_all(bench, registry, detectors, seeds, executors)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(table(report))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""The executors benchmark (``benchmarks/executors.py``) in quick mode: local and dask, each from an empty store.
+
+No assertion on time: what must hold is that the report has its figures for each executor
+and that both executors land the same results CSV.
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import executors  # noqa: E402  (a script folder, not a package)
+
+
+def test_quick_mode_reports_each_executor_and_identical_results(tmp_path, capsys):
+    out = tmp_path / "executors-quick.json"
+    assert executors.main(["--quick", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["mode"] == "quick" and report["seeds"] == [0] and report["detectors"] == ["msp", "gmm"]
+    assert list(report["executors"]) == ["local", "dask"]
+    for name, run in report["executors"].items():
+        assert run["tasks"] == 3 and run["tasks_per_kind"] == {"prepare": 1, "detector": 2}
+        assert run["failed_tasks"] == [] and run["rows"] > 0
+        assert set(run["task_seconds_per_kind"]) == {"prepare", "detector"}
+        assert abs(sum(k["seconds"] for k in run["task_seconds_per_kind"].values()) - run["task_seconds"]) < 1e-6
+        assert run["wall_seconds"] > 0 and run["task_seconds"] > 0
+        assert run["cache"]["misses"] > 0, f"{name} started from an empty store and computed its outputs"
+        assert run["driver_overhead_is"] == ("upper bound" if name == "dask" else "exact")
+    assert report["executors"]["dask"]["workers"] == 2
+    assert report["executors"]["local"]["results_sha256"] == report["executors"]["dask"]["results_sha256"]
+    assert report["results_identical"] == {"local": True, "dask": True} and report["all_results_identical"]
+    assert report["speed_up_dask_over_local"] > 0
+    assert "| dask | 2 x 1 |" in capsys.readouterr().out
