@@ -353,7 +353,7 @@ class SeedWork:
                     detector = cls(**resolved)
                     fit_train = train_labelled if "labels" in needs else train
                     ctx = FitContext(fit_train.restricted(needs), val.restricted(needs), int(train.logits.shape[1]),
-                                     self.seed, self.opts.device, handle if "gradients" in needs else None)
+                                     self.seed, self.opts.device, handle if needs & {"gradients", "head"} else None)
 
                     def fit() -> None:
                         with handle.activity(f"detector:{spec.label}:fit"), \
