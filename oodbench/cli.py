@@ -238,24 +238,48 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from .plugins import KINDS
+    from .plugins import KINDS, option_infos
 
     registry = _registry(args)
     kinds = [args.kind] if args.kind else list(KINDS)
     if args.json:
         out = {kind: [{"name": e.name, "summary": e.summary, "provider": e.provider,
-                       "provider_version": e.provider_version, "defaults": e.defaults}
+                       "provider_version": e.provider_version, "defaults": e.defaults,
+                       "options": [{"name": o.name, "type": o.type or None, "default": o.default,
+                                    "required": o.required, "description": o.description} for o in option_infos(e)]}
                       for e in (registry.get(kind, n) for n in registry.names(kind))] for kind in kinds}
         out["problems"] = registry.problems
         print(json.dumps(out, indent=2, default=str))
         return 0
     for kind in kinds:
-        rows = [(e.name, f"{e.provider} {e.provider_version}", e.summary)
-                for e in (registry.get(kind, n) for n in registry.names(kind))]
-        print(f"{kind} ({len(rows)})")
-        print(tabulate(rows, headers=["name", "provided by", "description"], tablefmt="simple", maxcolwidths=[None, None, 80]))
+        entries = [registry.get(kind, n) for n in registry.names(kind)]
+        print(f"{kind} ({len(entries)})")
+        if not args.verbose:
+            rows = [(e.name, f"{e.provider} {e.provider_version}", e.summary) for e in entries]
+            print(tabulate(rows, headers=["name", "provided by", "description"], tablefmt="simple",
+                           maxcolwidths=[None, None, 80]))
+            print()
+            continue
         print()
+        for e in entries:  # each plugin with its options: what goes in brackets or a benchmark's options table
+            print(f"{e.name} ({e.provider} {e.provider_version}): {e.summary}")
+            options = option_infos(e)
+            if options:
+                table = tabulate([(o.name, o.type or "-", "(required)" if o.required else _shown(o.default),
+                                   o.description) for o in options],
+                                 headers=["option", "type", "default", "description"], tablefmt="simple",
+                                 maxcolwidths=[None, 30, 30, 70], disable_numparse=True)
+                print("\n".join("    " + line for line in table.splitlines()))
+            elif kind != "benchmarks":
+                print("    no options")
+            print()
     return 0
+
+
+def _shown(value: Any) -> str:
+    """An option's default as a user would write it in brackets or TOML."""
+    plain = isinstance(value, (str, bool, type(None), list, tuple, dict))
+    return json.dumps(value, default=str) if plain else repr(value)
 
 
 def cmd_leaderboard_validate(args: argparse.Namespace) -> int:
@@ -454,7 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list installed plugins", description="List every dataset, model, attack, "
                          "detector and benchmark that installed plugins provide, with the providing distribution.")
     lst.add_argument("kind", nargs="?", choices=["datasets", "models", "attacks", "detectors", "benchmarks"])
-    lst.add_argument("--json", action="store_true", help="machine-readable output")
+    lst.add_argument("--verbose", "-v", action="store_true", help="each plugin's options: type, default and "
+                     "description (from the constructor's annotations and the docstring's 'Options:' paragraph)")
+    lst.add_argument("--json", action="store_true", help="machine-readable output, options included")
     lst.set_defaults(func=cmd_list)
     add_cache_parser(sub)
     return parser

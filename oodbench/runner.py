@@ -337,20 +337,30 @@ class SeedWork:
         cls = entry.target
         needs = frozenset(cls.needs) | {"logits"}
         base = detector_fields(self.registry, spec, self.seed)
-        state: dict[str, Any] = {"detector": None, "fit_error": None, "fit_seconds": 0.0}
+        # fit_traceback: the constructor's or fit's, recorded once (on the first row it fails) for run.json
+        state: dict[str, Any] = {"detector": None, "fit_error": None, "fit_seconds": 0.0, "fit_traceback": None}
 
         def fitted() -> Detector:
             """The fitted detector. One that stores its state (``Detector.stores_state``) is fitted once per key
-            while caching is on; later tasks and runs load the stored state (arrays, no pickle) instead."""
+            while caching is on; later tasks and runs load the stored state (arrays, no pickle) instead.
+
+            A constructor that refuses the (already type-checked) options is a bad option, reported as such on
+            every row of the detector, not as a failed fit."""
             from .detector_state import from_arrays, to_arrays
 
             if state["fit_error"] is not None:
                 raise state["fit_error"]
             if state["detector"] is None:
                 started, step = time.perf_counter(), "fit"
+                _seed_everything(self.seed)
                 try:
-                    _seed_everything(self.seed)
                     detector = cls(**resolved)
+                except PLUGIN_FAILURES as exc:
+                    state["fit_error"] = _FitFailed(f"bad options: {_describe(exc)}")
+                    state["fit_traceback"] = traceback.format_exc(limit=-8)
+                    state["fit_seconds"] = time.perf_counter() - started
+                    raise state["fit_error"] from exc
+                try:
                     fit_train = train_labelled if "labels" in needs else train
                     ctx = FitContext(fit_train.restricted(needs), val.restricted(needs), int(train.logits.shape[1]),
                                      self.seed, self.opts.device, handle if needs & {"gradients", "head"} else None)
@@ -376,6 +386,7 @@ class SeedWork:
                             detector.load_state_dict(from_arrays(arrays), ctx)
                 except PLUGIN_FAILURES as exc:
                     state["fit_error"] = _FitFailed(f"{step} failed: {_describe(exc)}")
+                    state["fit_traceback"] = traceback.format_exc(limit=-8)
                     raise state["fit_error"] from exc
                 finally:
                     state["fit_seconds"] = time.perf_counter() - started
@@ -421,7 +432,10 @@ class SeedWork:
                                                                          np.asarray(neg, np.float64))
             except PLUGIN_FAILURES as exc:
                 row.update(compute_all(np.empty(0), np.empty(0)), status="error", error=_describe(exc))
-                if not isinstance(exc, (_FitFailed, _SourceFailed, PluginError)):
+                if isinstance(exc, _FitFailed):  # the constructor's or fit's traceback, once per detector and seed
+                    if state["fit_traceback"]:
+                        row["traceback"], state["fit_traceback"] = state["fit_traceback"], None
+                elif not isinstance(exc, (_SourceFailed, PluginError)):
                     row["traceback"] = traceback.format_exc(limit=6)
             rows.append(row)
             timings.append({"detector": spec.label, "source": source.name, "seed": self.seed,

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from oodbench.api import Detector, FitContext, PluginError, SplitView
 
@@ -93,7 +94,7 @@ class FeatureGMM(_EMOptions, Detector):
     def __init__(
         self,
         *,
-        k: int = 100,
+        k: Annotated[int, Field(ge=1)] = 100,
         reg_covar: float = 1e-4,
         max_iter: int = 100,
         tol: float = 1e-3,
@@ -164,7 +165,7 @@ class ZhengHong(_EMOptions, Detector):
     def __init__(
         self,
         *,
-        k: int = 5,
+        k: Annotated[int, Field(ge=1)] = 5,
         reg_covar: float = 1e-4,
         max_iter: int = 100,
         tol: float = 1e-3,

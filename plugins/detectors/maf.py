@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from oodbench.api import Detector, FitContext, PluginError, SplitView
@@ -183,7 +184,7 @@ class FeatureMAF(Detector):
         hidden: int = 128,
         hidden_layers: int = 1,
         batch_norm: bool = False,
-        epochs: int = 30,
+        epochs: Annotated[int, Field(ge=1)] = 30,
         batch_size: int = 128,
         lr: float = 1e-3,
         max_log_scale: float = 3.0,

@@ -5,10 +5,11 @@ shared-gradient grid search.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import numpy as np
 import torch
+from pydantic import Field
 from scipy.special import log_softmax
 
 from oodbench.api import ClassifierHandle, Detector, FitContext, Holdout, PluginError, SplitView
@@ -157,7 +158,7 @@ class Odin(Detector):
     def __init__(
         self,
         *,
-        temperature: float = 1000.0,
+        temperature: Annotated[float, Field(gt=0)] = 1000.0,
         epsilon: float = 0.0014,
         temperatures: tuple[float, ...] = PAPER_TEMPERATURES,
         epsilons: tuple[float, ...] = PAPER_EPSILONS,

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from oodbench.api import Detector, FitContext, PluginError, SplitView
@@ -143,7 +144,7 @@ class FeatureVAE(Detector):
         *,
         hidden: int = 512,
         latent: int = 128,
-        epochs: int = 30,
+        epochs: Annotated[int, Field(ge=1)] = 30,
         batch_size: int = 128,
         lr: float = 1e-3,
         lr_decay: float = 0.9995,

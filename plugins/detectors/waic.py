@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field
 
 from oodbench.api import Detector, FitContext, PluginError, SplitView
 
@@ -65,7 +66,8 @@ class GenerativeEnsemble(Detector):
     name = "waic"
     needs = frozenset({"logits", "features", "images"})
 
-    def __init__(self, *, member: str = "gmm", M: int = 5, member_options: dict[str, Any] | None = None, seed: int = 0):
+    def __init__(self, *, member: str = "gmm", M: Annotated[int, Field(ge=2)] = 5,
+                 member_options: dict[str, Any] | None = None, seed: int = 0):
         if member not in MEMBERS:
             raise PluginError(f"waic: member must be one of {sorted(MEMBERS)}, got {member!r}")
         if M < 2:
