@@ -83,6 +83,9 @@ def check_detectors(registry, specs: list[Any]) -> None:
 
     for spec in specs:
         resolve_options(registry.get("detectors", spec.name), spec.options)
+        # Constructors only store and check their options, so building each once is cheap; a refusal found here
+        # is one line and exit 2 instead of 'bad options' rows on every source of every seed.
+        _check_plugin(registry, "detectors", spec.name, spec.options, 0, f"detector '{spec.label}'")
 
 
 def check_plugins(registry, bench, seed: int) -> None:
