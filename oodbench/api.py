@@ -35,7 +35,7 @@ import torch
 from oodbench import memory
 
 #: What a detector may declare in ``Detector.needs``.
-NEEDS = frozenset({"logits", "features", "layers", "labels", "images", "gradients"})
+NEEDS = frozenset({"logits", "features", "layers", "labels", "images", "gradients", "head"})
 
 #: The activity ``ClassifierHandle.fit_batch_sizes`` charges its probe passes to.
 FIT_BATCH_SIZE = "fit-batch-size"
@@ -158,6 +158,15 @@ class ClassifierHandle:
     intermediate output (N x C x H x W, or N x D) is reduced to its per-channel spatial mean,
     as in Lee et al.'s code.
 
+    It may also expose its final layer as ``network.head``: an ``nn.Module`` mapping the
+    penultimate features to the logits, so that ``head(forward_features(x)[1])`` equals
+    ``forward_features(x)[0]`` (every built-in network's is its final ``nn.Linear``). That
+    equation is what "penultimate features" means. Detectors that recompute logits from
+    changed features (ReAct, ASH, DICE) or read the weights (ViM) reach it through ``head``
+    and ``head_weight_bias``; head evaluations are not counted in ``passes`` (they are not
+    passes through the network, only a matrix product), their time is charged to the
+    current activity.
+
     ``bf16`` runs passes under bfloat16 autocast and ``channels_last`` feeds the network
     channels-last tensors: GPU speed options (the runner enables them only on CUDA devices);
     outputs and gradients come back in float32 either way.
@@ -234,6 +243,63 @@ class ClassifierHandle:
     def has_layers(self) -> bool:
         """Whether the network exposes intermediate layers (``forward_layers``)."""
         return callable(getattr(self.network, "forward_layers", None))
+
+    @property
+    def has_head(self) -> bool:
+        """Whether the network exposes its final layer as ``network.head`` (an ``nn.Module``)."""
+        return isinstance(getattr(self.network, "head", None), torch.nn.Module)
+
+    def _head_module(self) -> torch.nn.Module:
+        if not self.has_head:
+            raise PluginError(f"the classifier ({type(self.network).__name__}) exposes no head (no `head` "
+                              "module mapping its penultimate features to its logits)")
+        return self.network.head
+
+    @torch.inference_mode()
+    def head(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Logits (N x C, float32 NumPy) of penultimate features (N x D), through the network's final layer.
+
+        ``head(view.features)`` gives ``view.logits`` again up to float rounding; apply it to
+        changed features (clipped, pruned) to get the logits they would have produced. Runs
+        with the handle's numerics (bf16, float64) in batches of the forward pass's size, on
+        the handle's device; not counted in ``passes`` (see the class docstring). Raises
+        ``PluginError`` when the network exposes no head (``has_head``).
+        """
+        module = self._head_module()
+        float64 = self._dtype == torch.float64
+        if float64:
+            module = self._network64.head
+        # torch.tensor copies: views hand out read-only arrays, which torch.as_tensor would warn about
+        feats = features if isinstance(features, torch.Tensor) else torch.tensor(np.asarray(features))
+        if feats.dim() != 2:
+            raise ValueError(f"head takes features of shape (N, D), got {tuple(feats.shape)}")
+        dtype = torch.float64 if float64 else torch.float32
+        size = max(1, self.batch_sizes["forward"])
+        started, chunks = time.perf_counter(), []
+        try:
+            for start in range(0, max(len(feats), 1), size):  # one (empty) batch for no rows: the shape (0, C)
+                batch = feats[start:start + size].to(self.device, dtype)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and not float64):
+                    chunks.append(module(batch).float().cpu())
+        finally:
+            self._charge_network(time.perf_counter() - started)
+        return torch.cat(chunks).numpy()
+
+    def head_weight_bias(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(W, b) of an affine head as float64 NumPy copies, W (classes x D) and b (classes,); else None.
+
+        The head is affine when it is an ``nn.Linear`` (b is zeros if it has no bias): then
+        ``features @ W.T + b`` gives the logits up to float rounding. ``None`` for any other
+        head; ``PluginError`` when there is no head at all.
+        """
+        module = self._head_module()
+        if not isinstance(module, torch.nn.Linear):
+            return None
+        def copy(tensor: torch.Tensor) -> np.ndarray:
+            return tensor.detach().to("cpu", torch.float64, copy=True).numpy()
+
+        weight = copy(module.weight)
+        return weight, np.zeros(len(weight)) if module.bias is None else copy(module.bias)
 
     @contextmanager
     def float64(self) -> Iterator["ClassifierHandle"]:
@@ -662,7 +728,11 @@ class Detector(Plugin):
       labelled training images only; every other detector on the whole training split);
       ``"features"``: penultimate features; ``"layers"``: spatial means of the classifier's
       intermediate layers (``SplitView.layers``); ``"images"``: raw inputs;
-      ``"gradients"``: the classifier itself (``FitContext.model``) for input gradients.
+      ``"gradients"``: the classifier itself (``FitContext.model``) for input gradients;
+      ``"head"``: the classifier's final layer, through ``FitContext.model``:
+      ``model.head(features)`` recomputes logits from (changed) penultimate features and
+      ``model.head_weight_bias()`` gives its W and b when it is affine (ReAct, ASH, DICE, ViM);
+      keep ``ctx.model`` for ``score``. A classifier without a head fails such a fit.
     * ``tunes_on_source``: the paper tunes hyperparameters on held-out samples of each
       failure source (ODIN). The core then calls ``tune(holdout)`` before scoring a source,
       and the result rows say so.

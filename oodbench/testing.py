@@ -12,9 +12,12 @@ fitted state (``Detector.stores_state``) is also checked for a round trip: its `
 after fit, written with ``np.savez`` and read back without pickle, loaded into a fresh
 instance, must give the fitted detector's scores and metadata exactly. The kit builds its own
 tiny problem (no dataset or model plugin needed): 4x4 one-channel images, a fixed classifier
-whose logits are minus squared distances to four class prototypes and whose penultimate
-features are the pixels (intermediate layers, for detectors that need ``"layers"``: the
-pixels and the four row means). Positives are inputs near a prototype; negatives are midpoints
+whose penultimate features are the pixels x and whose logits come from a linear head,
+16 x.p_c - 8 |p_c|^2 for four class prototypes p_c: minus 8 times the squared distance to each
+prototype, up to a per-input shift (8 |x|^2) that changes neither the softmax nor the
+prediction. Detectors that need ``"head"`` or ``"gradients"`` get its ``ClassifierHandle``
+as the core gives it (``ctx.model``); intermediate layers, for detectors that need
+``"layers"``, are the pixels and the four row means. Positives are inputs near a prototype; negatives are midpoints
 between two prototypes, ambiguous for the classifier and off the data for a density, so any
 sensible detector ranks positives higher.
 """
@@ -37,11 +40,15 @@ from .metrics import auroc
 class _PrototypeNet(torch.nn.Module):
     def __init__(self, prototypes: torch.Tensor):
         super().__init__()
-        self.register_buffer("prototypes", prototypes)
+        # -8 |x - p_c|^2 = 16 x.p_c - 8 |p_c|^2 - 8 |x|^2; the last term is the same for every class
+        self.head = torch.nn.Linear(prototypes.shape[1], len(prototypes))
+        with torch.no_grad():
+            self.head.weight.copy_(16.0 * prototypes)
+            self.head.bias.copy_(-8.0 * prototypes.pow(2).sum(1))
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = x.flatten(1)
-        return -torch.cdist(flat, self.prototypes).pow(2) * 8.0, flat
+        return self.head(flat), flat
 
     def forward_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         logits, flat = self.forward_features(x)
@@ -108,7 +115,7 @@ def _toy_run(cls: type, options: dict[str, Any], seed: int, state: dict[str, Any
     train = toy.view("train", toy.train, toy.train_y, needs)
     val = toy.view("val", toy.val, toy.val_y, needs)
     ctx = FitContext(train.restricted(needs), val.restricted(needs), toy.classes, seed,
-                     torch.device("cpu"), toy.handle if "gradients" in needs else None)
+                     torch.device("cpu"), toy.handle if needs & {"gradients", "head"} else None)
     stored, state_error = None, ""
     if state is None:
         detector.fit(ctx)

@@ -50,6 +50,11 @@ class CifarResNetNetwork(LayeredNetwork):
         self.layer1, self.layer2, self.layer3 = layers
         self.linear = nn.Linear(64, num_classes)
 
+    @property
+    def head(self) -> nn.Linear:
+        """The final layer, penultimate features -> logits (``ClassifierHandle.head``); stored as ``linear``."""
+        return self.linear
+
     def forward_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Logits, penultimate features, and the stem and stage outputs (Lee et al.'s feature list)."""
         x = (x - self.mean) / self.std

@@ -98,6 +98,11 @@ class DenseNetBCNetwork(LayeredNetwork):
         self.fc = nn.Linear(planes, num_classes)
         he_init(self)
 
+    @property
+    def head(self) -> nn.Linear:
+        """The final layer, penultimate features -> logits (``ClassifierHandle.head``); stored as ``fc``."""
+        return self.fc
+
     def forward_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Logits, penultimate features, and Lee et al.'s feature list (``DenseNet3.feature_list``).
 

@@ -23,6 +23,11 @@ class _Network(LayeredNetwork):
         self.activation = ACTIVATIONS[activation]()
         self.linear = nn.Linear(hidden, num_classes)
 
+    @property
+    def head(self) -> nn.Linear:
+        """The final layer, penultimate features -> logits (``ClassifierHandle.head``); stored as ``linear``."""
+        return self.linear
+
     def forward_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         h = ((x - self.mean) / self.std).flatten(1)
         outputs = []

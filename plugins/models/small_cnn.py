@@ -24,6 +24,11 @@ class _Network(LayeredNetwork):
         self.conv3 = nn.Conv2d(2 * width, 4 * width, 3, padding=1)
         self.linear = nn.Linear(4 * width, num_classes)
 
+    @property
+    def head(self) -> nn.Linear:
+        """The final layer, penultimate features -> logits (``ClassifierHandle.head``); stored as ``linear``."""
+        return self.linear
+
     def forward_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         x = (x - self.mean) / self.std
         first = F.relu(self.conv1(x))

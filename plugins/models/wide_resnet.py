@@ -71,6 +71,11 @@ class WideResNetNetwork(LayeredNetwork):
         self.fc = nn.Linear(widths[3], num_classes)
         he_init(self)
 
+    @property
+    def head(self) -> nn.Linear:
+        """The final layer, penultimate features -> logits (``ClassifierHandle.head``); stored as ``fc``."""
+        return self.fc
+
     def forward_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Logits, penultimate features, and the stem and group outputs (Lee et al.'s feature list).
 
