@@ -602,7 +602,7 @@ class FitContext:
     """What ``Detector.fit`` receives: in-distribution data and the classifier, nothing else.
 
     ``train`` and ``val`` are the in-distribution training and validation splits;
-    ``model`` is available to detectors that declare ``"gradients"`` (else ``None``).
+    ``model`` (the classifier) is available to detectors that declare ``"gradients"`` or ``"head"`` (else ``None``).
     """
 
     train: SplitView
