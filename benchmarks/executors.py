@@ -31,8 +31,8 @@ from the store before the detector task's timer starts.
 The results CSV (``csv_text(results_frame(rows))``) of every executor is compared with the
 first one's; the JSON records whether each is identical. No assertion on time.
 
-    python benchmarks/executors.py --out executors.json            # full: run on an idle machine
-    python benchmarks/executors.py --quick --out executors-quick.json
+    python benchmarks/executors.py            # full: on an idle machine; writes benchmarks/results/executors.json
+    python benchmarks/executors.py --quick    # writes benchmarks/results/executors-quick.json
 
 Quick mode (the test suite's): one seed, msp and gmm, ``local`` and ``dask``, a cut-down
 benchmark (one OOD set, one eps per attack).
@@ -64,6 +64,7 @@ from oodbench.runner import RunOptions, run_benchmark
 #: executor name -> (workers, torch threads per worker); the issue's setting for a 2-core machine
 EXECUTORS: dict[str, tuple[int, int]] = {"local": (1, 2), "dask": (2, 1), "inline": (1, 2)}
 SEQUENTIAL = {"local", "inline"}
+RESULTS = Path(__file__).resolve().parent / "results"
 FULL = {"benchmark": "digits", "seeds": [0, 1, 2], "detectors": "all", "executors": ["local", "dask", "inline"]}
 QUICK = {"benchmark": "digits", "seeds": [0], "detectors": "msp,gmm", "executors": ["local", "dask"]}
 
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", default=os.environ.get("OODBENCH_BENCH_QUICK") == "1",
                         help="one seed, msp and gmm, local and dask, a cut-down benchmark (OODBENCH_BENCH_QUICK=1)")
-    parser.add_argument("--out", default="executors.json", help="JSON file to write")
+    parser.add_argument("--out", help="JSON file to write (default benchmarks/results/executors.json, "
+                                      "executors-quick.json in quick mode)")
     parser.add_argument("--benchmark", help="registered benchmark (default digits)")
     parser.add_argument("--seeds", help="comma-separated seeds (override)")
     parser.add_argument("--detectors", help="detectors, as oodbench run -d takes them (override; default all)")
@@ -218,11 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(executors) - EXECUTORS.keys()
     if unknown:
         parser.error(f"unknown executors {sorted(unknown)}; choose among {', '.join(EXECUTORS)}")
+    out = Path(args.out or RESULTS / ("executors-quick.json" if args.quick else "executors.json"))
     report = {"mode": "quick" if args.quick else "full", **measure_all(bench, registry, detectors, seeds, executors)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
     print(table(report))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 
