@@ -321,7 +321,8 @@ def detector_cost(s: Setting, name: str, options: dict[str, Any]) -> dict[str, A
             note = f"FGSM of {val} val images, {layers} layers x {eps} eps on 2 x {val} images, then {scored} scored"
         cpu = mahalanobis_cpu(s, s.layer_dims, rows) + regressions * ASSUMED["logistic_regression_cv_s"]
     else:
-        return {"model": None, "note": f"no cost model for detector '{name}'"}
+        return {"model": None, "gpu_seconds": 0.0, "cpu_seconds": 0.0, "held_seconds": ASSUMED["task_start_s"],
+                "passes": {"forward": 0, "forward_backward": 0}, "note": f"NO COST MODEL for '{name}': priced at 0"}
     gpu += s.seconds(fwd, fb)
     return {"model": "gradients" if fb else "stored outputs", "gpu_seconds": gpu, "cpu_seconds": cpu,
             "held_seconds": gpu + cpu + ASSUMED["task_start_s"],
@@ -412,6 +413,7 @@ def study(registry: Registry, benchmarks: tuple[str, ...], seeds: int) -> dict[s
             "critical_path_seconds": prepare["held"] + longest[1]["held_seconds"],
             "critical_path_seconds_on_many_gpus": prepare["held"] + longest[1]["held_seconds"] + read,
             "longest_detector": longest[0],
+            "unpriced_detectors": [label for label, c in detectors.items() if c["model"] is None],
             "store_bytes_per_seed": per_seed_store, "store_bytes": seeds * sum(per_seed_store.values()),
         }
     runs = out["benchmarks"].values()
