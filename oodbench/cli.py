@@ -110,7 +110,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runner import RunOptions, run_benchmark
 
     preflight.check_counts(args)
-    device = preflight.device(args.device)
+    # A plan may be made on a login node for GPU workers: it needs the device's name, not the device.
+    device = preflight.device(args.device, here=not args.plan or args.device == "auto")
     registry = _registry(args)
     bench = _find_benchmark(registry, args.benchmark)
     specs = preflight.detector_specs(registry, args.detectors)

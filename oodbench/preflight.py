@@ -36,8 +36,11 @@ def seeds(args: argparse.Namespace, bench) -> list[int]:
     return list(range(args.first_seed, args.first_seed + n))
 
 
-def device(name: str):
-    """The torch device --device names, refused when torch cannot parse it or this machine has none of it."""
+def device(name: str, here: bool = True):
+    """The torch device --device names, refused when torch cannot parse it or this machine has none of it.
+
+    ``here=False`` (planning a run for other machines: ``run --plan``) only checks the name.
+    """
     import torch
 
     from .runner import choose_device
@@ -48,7 +51,7 @@ def device(name: str):
         device = torch.device(name)
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"--device {name!r}: not a device name; expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cpu":
+    if device.type == "cpu" or not here:
         return device
     backend = getattr(torch, device.type, None)
     available = getattr(backend, "is_available", None)
