@@ -37,7 +37,8 @@ def test_mnist_benchmark_reads_every_source_and_scores(registry, tmp_path, cifar
     bench = replace(bench, in_distribution=replace(bench.in_distribution, options={"val_size": 60}),
                     model=replace(bench.model, options={"epochs": 2, "hidden": 32}))
     opts = RunOptions(benchmark=bench, detectors=parse_detectors("msp,mahalanobis"), seeds=[0], cache_dir=None,
-                      data_dir=tmp_path, device=torch.device("cpu"), progress=False)
+                      data_dir=tmp_path, device=torch.device("cpu"), progress=False,
+                      executor="inline")  # in this process: the md5 patch above does not reach a worker process
     result = run_benchmark(opts, registry)
     sources = result.meta["per_seed"][0]["sources"]
     assert set(sources) == {"mistakes", "ood:omniglot", "ood:notmnist", "ood:cifar10-bw", "ood:gaussian", "ood:uniform"}
