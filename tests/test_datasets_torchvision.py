@@ -23,7 +23,7 @@ import torchvision.datasets as tvd
 from torchvision_fakes import write_cifar10, write_cifar100, write_mnist, write_svhn
 
 from oodbench.api import DatasetContext, MissingDataError, PluginError
-from oodbench.plugins import UnknownPluginError, instantiate, resolve_options
+from oodbench.plugins import OptionError, UnknownPluginError, instantiate, resolve_options
 from oodbench_plugins.datasets.convert import to_format
 
 TV_SETS = ("cifar10", "cifar100", "svhn", "mnist", "fashion-mnist")
@@ -169,7 +169,7 @@ def test_documented_defaults_and_bad_options(registry, tmp_path):
             make(registry, name, bogus=1)
     with pytest.raises(PluginError, match="'val_size' must be an integer >= 0, got -1"):
         make(registry, "cifar10", val_size=-1)
-    with pytest.raises(PluginError, match="'download' must be true or false"):
+    with pytest.raises(OptionError, match="dataset 'mnist' option download='yes': expected true or false"):
         make(registry, "mnist", download="yes")
 
 

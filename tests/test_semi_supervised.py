@@ -191,7 +191,8 @@ ood = ["uniform"]
     registry = build_registry(extra_plugins=[Recorders()], strict=True)
     opts = RunOptions(benchmark=load_benchmark(tmp_path / "semi.toml"),
                       detectors=parse_detectors("label-reader,feature-reader,gmm[k=2],mahalanobis"), seeds=[0],
-                      cache_dir=None, data_dir=Path("."), device=torch.device("cpu"), progress=False)
+                      cache_dir=None, data_dir=Path("."), device=torch.device("cpu"), progress=False,
+                      executor="inline")  # in this process: the recorders write into SEEN, which a worker would not share
     SEEN.clear()
     return run_benchmark(opts, registry)
 
