@@ -182,6 +182,7 @@ def test_the_plan_is_made_before_any_data_is_loaded(misbehaving, tmp_path, monke
     assert [t.key for t in again] == [t.key for t in tasks], "keys are stable across plans"
 
 
+@pytest.mark.slow  # a minute or more: in CI's second step (python -m pytest -m slow)
 def test_two_runs_on_one_store_and_a_killed_run_resumed_land_the_same_rows(registry, shared_cache, tmp_path):
     """Run A and run B start at once on an empty store; A is killed (driver and worker, kill -9) once its detector
     tasks have begun, B finishes; A run again resumes from the store. Both equal a run of their own."""

@@ -87,6 +87,7 @@ def test_every_installed_detector_is_finite_on_every_source(registry, shared_cac
     assert all("temperature" in p for p in tuned["tuned_params"])
 
 
+@pytest.mark.slow  # a minute or more: in CI's second step (python -m pytest -m slow)
 def test_numbers_hold_on_one_thread_smaller_batches_and_avx2_kernels(registry, shared_cache, tmp_path):
     """What another machine changes, at once: thread count, batch size and the CPU's instruction set.
 
