@@ -397,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scheduler", help="dask: address of a running scheduler (tcp://HOST:8786) instead")
     run.add_argument("--task-timeout", type=float, help="local: seconds a task may run before it is stopped and its "
                      "rows become errors (default 86400; 0 = no limit)")
-    run.add_argument("--threads", type=int, help="torch threads per worker (default: torch's, or cores / workers)")
+    run.add_argument("--threads", type=int, help="torch threads of every task (default: torch's in a local worker, "
+                     "cores / workers on a Dask LocalCluster); rows are byte-identical across executors at equal "
+                     "--threads")
     run.add_argument("--plan", action="store_true", help="print the run's tasks (per kind, resources) and exit; "
                      "loads no data")
     run.add_argument("--metric", default="auroc", help="metric of the printed table (default auroc)")

@@ -10,6 +10,7 @@ detector tasks fit on the run's device too), so Dask places them on GPU workers.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -45,7 +46,7 @@ def make_plan(job: Job) -> list[Task]:
             *(("datasets", ref.dataset) for ref in bench.ood), *(("attacks", ref.plugin) for ref in bench.attacks)}
     versions = {f"{kind}:{name}": registry.get(kind, name).version for kind, name in sorted(used)}
     layers = any("layers" in registry.get("detectors", s.name).target.needs for s in opts.detectors)
-    shared = make_key("prepare", benchmark=bench.sha256, versions=versions, data=str(opts.data_dir),
+    shared = make_key("prepare", benchmark=bench.sha256, versions=versions, data=str(Path(opts.data_dir).absolute()),
                       device=opts.device.type, batch=opts.batch_size, bf16=opts.bf16,
                       channels_last=opts.channels_last, layers=layers)
     tasks = []

@@ -16,7 +16,7 @@ def test_quick_mode_reports_each_executor_and_identical_results(tmp_path, capsys
     assert executors.main(["--quick", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["mode"] == "quick" and report["seeds"] == [0] and report["detectors"] == ["msp", "gmm"]
-    assert list(report["executors"]) == ["local", "dask"]
+    assert list(report["executors"]) == ["local-1", "dask"]
     for name, run in report["executors"].items():
         assert run["tasks"] == 3 and run["tasks_per_kind"] == {"prepare": 1, "detector": 2}
         assert run["failed_tasks"] == [] and run["rows"] > 0
@@ -26,7 +26,7 @@ def test_quick_mode_reports_each_executor_and_identical_results(tmp_path, capsys
         assert run["cache"]["misses"] > 0, f"{name} started from an empty store and computed its outputs"
         assert run["driver_overhead_is"] == ("upper bound" if name == "dask" else "exact")
     assert report["executors"]["dask"]["workers"] == 2
-    assert report["executors"]["local"]["results_sha256"] == report["executors"]["dask"]["results_sha256"]
-    assert report["results_identical"] == {"local": True, "dask": True} and report["all_results_identical"]
-    assert report["speed_up_dask_over_local"] > 0
+    assert report["executors"]["local-1"]["results_sha256"] == report["executors"]["dask"]["results_sha256"]
+    assert report["results_identical"] == {"local-1": True, "dask": True} and report["all_results_identical"]
+    assert report["speed_up"]["dask_over_local-1"] > 0
     assert "| dask | 2 x 1 |" in capsys.readouterr().out

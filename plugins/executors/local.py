@@ -19,19 +19,29 @@ class InlineExecutor(Executor):
     """Every task in this process, one after another: no isolation, for debuggers and notebooks.
 
     A plugin that calls ``os._exit``, crashes the interpreter or hangs takes the run with it;
-    use ``local`` (the default) for that. Ignores ``--workers``, ``--scheduler``, ``--task-timeout``.
+    use ``local`` (the default) for that. Ignores ``--workers``, ``--scheduler``, ``--task-timeout``;
+    ``--threads`` holds while the tasks run.
     """
 
     name = "inline"
 
     def run(self, tasks: list[Any], done: Callable[[Any, Any], None]) -> None:
+        import torch
+
         results: dict[str, Any] = {}
-        for task in tasks:
-            if not all(d in results for d in task.deps):
-                continue
-            # Exceptions propagate: in-process there is no worker to blame, and a traceback is what a debugger wants.
-            results[task.key] = task.fn(*task.args, *(results[d] for d in task.deps))
-            done(task, results[task.key])
+        before = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            for task in tasks:
+                if not all(d in results for d in task.deps):
+                    continue
+                # Exceptions propagate: in-process there is no worker to blame, and a traceback is what a debugger
+                # wants.
+                results[task.key] = task.fn(*task.args, *(results[d] for d in task.deps))
+                done(task, results[task.key])
+        finally:
+            torch.set_num_threads(before)
 
 
 class LocalExecutor(Executor):
