@@ -223,6 +223,11 @@ class ClassifierHandle:
         self.seconds.setdefault(self._activity, {"network": 0.0, "wall": 0.0})["wall"] += now - self._since
         self._since, self._activity = now, activity
 
+    def reset_counters(self) -> None:
+        """Forget the passes and seconds counted so far (a task reports only its own; the handle outlives it)."""
+        self._switch(self._activity)
+        self.passes, self.seconds = {}, {}
+
     def throughput(self) -> dict[str, dict[str, float]]:
         """Per activity that ran the network: images, seconds, images/s, and the share spent in passes.
 
@@ -815,6 +820,14 @@ class Executor(Plugin):
                  task_timeout: float | None = None, threads: int | None = None, progress: bool = True):
         self.workers, self.scheduler, self.task_timeout = workers, scheduler, task_timeout
         self.threads, self.progress = threads, progress
+
+    #: whether tasks in different processes hand each other results through the store (a run without
+    #: one, ``--no-cache``, is then refused before any work)
+    needs_store: ClassVar[bool] = False
+
+    def check(self) -> None:
+        """Refuse, before any work, what this executor cannot do here (a missing package, a bad address):
+        raise ``ValueError`` with one line. Default: nothing to check."""
 
     def run(self, tasks: list[Any], done: Callable[[Any, Any], None]) -> None:
         raise NotImplementedError

@@ -255,16 +255,18 @@ def results_file(path: str) -> Path:
 
 
 def executor(registry, args: argparse.Namespace) -> dict[str, Any]:
-    """--executor and its options, as RunOptions fields; a Dask run needs a store its workers share."""
-    registry.get("executors", args.executor)  # an unknown name lists the installed executors
+    """--executor and its options, as RunOptions fields, checked by the executor itself (``Executor.check``)."""
+    entry = registry.get("executors", args.executor)  # an unknown name lists the installed executors
     for option, value, minimum in (("--workers", args.workers, 1), ("--threads", args.threads, 1),
                                    ("--task-timeout", args.task_timeout, 0)):
         if value is not None and not value >= minimum:  # 'not >=' refuses NaN too
             raise ValueError(f"{option} {value:g}: must be a number >= {minimum}")
     if args.scheduler is not None and not args.scheduler.strip():
         raise ValueError("--scheduler: empty; expected an address such as tcp://HOST:8786")
-    if args.executor == "dask" and getattr(args, "no_cache", False):
-        raise ValueError("--executor dask --no-cache: Dask's workers hand each other the shared outputs through "
-                         "the store; give them one (--cache-dir)")
-    return {"executor": args.executor, "workers": args.workers, "scheduler": args.scheduler,
-            "task_timeout": args.task_timeout, "threads": args.threads}
+    if entry.target.needs_store and getattr(args, "no_cache", False):
+        raise ValueError(f"--executor {args.executor} --no-cache: its workers hand each other the shared outputs "
+                         "through the store; give them one (--cache-dir)")
+    chosen = {"workers": args.workers, "scheduler": args.scheduler, "task_timeout": args.task_timeout,
+              "threads": args.threads}
+    entry.target(**chosen).check()
+    return {"executor": args.executor, **chosen}

@@ -496,6 +496,11 @@ class SeedWork:
             self._prepared = Prepared(handle, model_key, train, train_labelled, val, sources, meta)
         return self._prepared
 
+    @property
+    def prepared(self) -> "Prepared | None":
+        """The seed's prepared state, or None before ``prepare`` ran."""
+        return self._prepared
+
     def common_fields(self) -> dict[str, Any]:
         """The fields every row of this seed shares."""
         return {"schema_version": SCHEMA_VERSION, "benchmark": self.bench.name,

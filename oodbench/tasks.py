@@ -44,7 +44,7 @@ class Job:
                    for kind, names in self.registry.entries.items() if kind != "benchmarks"}
         return make_key("job", benchmark=o.benchmark.sha256, path=str(o.benchmark.path), cache=str(o.cache_dir),
                         data=str(o.data_dir), device=str(o.device), batch=o.batch_size, bf16=o.bf16,
-                        channels_last=o.channels_last, layers=sorted(s.name for s in o.detectors), plugins=plugins)
+                        channels_last=o.channels_last, detectors=sorted(s.name for s in o.detectors), plugins=plugins)
 
 
 @dataclass
@@ -106,12 +106,8 @@ class _Accounting:
 
 def _fresh_counters(work: SeedWork) -> None:
     """Start the shared handle's pass counters at zero, so a task reports only its own passes."""
-    prepared = work._prepared
-    if prepared is not None:
-        handle = prepared.handle
-        handle.throughput()  # charges the time up to now to the activity before, then forget it
-        handle.passes, handle.seconds = {}, {}
-        handle._since = time.perf_counter()
+    if work.prepared is not None:
+        work.prepared.handle.reset_counters()
 
 
 def prepare_seed(job: Job, seed: int) -> TaskResult:

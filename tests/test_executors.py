@@ -8,23 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from oodbench import hookimpl
 from oodbench.api import Detector, Executor
-from oodbench.benchmark import load_benchmark
-from oodbench.cli import parse_detectors
 from oodbench.leaderboard import csv_text, results_frame
 from oodbench.plan import make_plan, summary
 from oodbench.plugins import build_registry
-from oodbench.runner import RunOptions, run_benchmark
+from oodbench.runner import run_benchmark
 from oodbench.tasks import Job
-
-
-def _options(registry, detectors: str, cache: Path | None, **kw) -> RunOptions:
-    bench = load_benchmark(registry.get("benchmarks", "digits").target)
-    return RunOptions(benchmark=bench, detectors=parse_detectors(detectors), seeds=kw.pop("seeds", [0]),
-                      cache_dir=cache, data_dir=Path("."), device=torch.device("cpu"), progress=False, **kw)
+from test_run import _options
 
 
 class _MaxLogit(Detector):

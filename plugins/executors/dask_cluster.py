@@ -6,7 +6,7 @@ import importlib.util
 import sys
 from typing import Any, Callable, Iterator
 
-from oodbench.api import Executor, PluginError, TaskFailed
+from oodbench.api import Executor, TaskFailed
 
 
 class DaskExecutor(Executor):
@@ -26,10 +26,14 @@ class DaskExecutor(Executor):
     """
 
     name = "dask"
+    needs_store = True  # a task on one worker reads what another worker's task stored
+
+    def check(self) -> None:
+        if importlib.util.find_spec("distributed") is None:
+            raise ValueError("--executor dask needs dask.distributed: pip install 'oodbench[dask]'")
 
     def run(self, tasks: list[Any], done: Callable[[Any, Any], None]) -> None:
-        if importlib.util.find_spec("distributed") is None:
-            raise PluginError("--executor dask needs dask.distributed: pip install 'oodbench[dask]'")
+        self.check()
         from distributed import as_completed
 
         with self._client() as client:
