@@ -23,3 +23,8 @@ def oodbench_register_detectors(register):
     register(maf.FeatureMAF)
     register(pixelcnn.PixelCNNPP)
     register(waic.GenerativeEnsemble)
+
+    # Logit-based and head-based post-hoc detectors (issue 21): energy, entropy, GEN, KL-matching,
+    # ReAct, ASH, DICE, SCALE, GradNorm.
+
+    # Feature-based post-hoc detectors (issue 21): KNN, RMDS, ViM, SHE, NNGuide, fDBD, NCI.
