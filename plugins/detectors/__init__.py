@@ -26,5 +26,19 @@ def oodbench_register_detectors(register):
 
     # Logit-based and head-based post-hoc detectors (issue 21): energy, entropy, GEN, KL-matching,
     # ReAct, ASH, DICE, SCALE, GradNorm.
+    from . import activation_shaping, gradient_scores, logit_scores
+
+    register(softmax.MaxLogit, name="maxlogit")
+    register(logit_scores.Energy)
+    register(logit_scores.Entropy)
+    register(logit_scores.GEN)
+    register(logit_scores.KLMatching)
+    register(activation_shaping.ReAct)
+    register(activation_shaping.ASHP)
+    register(activation_shaping.ASHB)
+    register(activation_shaping.ASHS)
+    register(activation_shaping.DICE)
+    register(activation_shaping.Scale)
+    register(gradient_scores.GradNorm)
 
     # Feature-based post-hoc detectors (issue 21): KNN, RMDS, ViM, SHE, NNGuide, fDBD, NCI.
