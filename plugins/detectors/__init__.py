@@ -42,3 +42,12 @@ def oodbench_register_detectors(register):
     register(gradient_scores.GradNorm)
 
     # Feature-based post-hoc detectors (issue 21): KNN, RMDS, ViM, SHE, NNGuide, fDBD, NCI.
+    from . import feature_scores, knn
+
+    register(knn.KNN)
+    register(feature_scores.RMDS)
+    register(feature_scores.ViM)
+    register(feature_scores.SHE)
+    register(knn.NNGuide)
+    register(feature_scores.FDBD)
+    register(feature_scores.NCI)
