@@ -71,6 +71,7 @@ class ReAct(_HeadDetector):
     score = logsumexp(head(h_bar)), the negative energy (T = 1). Higher = more trustworthy.
     Needs: features, head. Fit: c (``np.percentile``, linear interpolation, as the authors' code).
     Options: percentile=90, the paper's default.
+
     At percentile 100 nothing of the training split is clipped and the score is the energy score.
     """
 
@@ -193,6 +194,7 @@ class Scale(_HeadDetector):
     *unpruned* features scaled by exp(r). Higher = more trustworthy.
     Needs: features, head. Fit: nothing (per input).
     Options: percentile=85 (p), the paper's ImageNet setting and the authors' config default.
+
     The scaling multiplies the features, as the authors' code does, so through an affine head it
     scales W h and not the bias b: head(h * e^r) = e^r W h + b. An all-zero input keeps r = 0.
     """
