@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from oodbench import memory
-from oodbench.api import ClassifierHandle
+from oodbench.classifier import ClassifierHandle
 
 GIB = 2**30
 

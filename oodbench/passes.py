@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from oodbench.api import FIT_BATCH_SIZE
+from oodbench.classifier import FIT_BATCH_SIZE
 
 KINDS = ("forward", "forward_backward")
 

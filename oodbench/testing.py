@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .api import NEEDS, ClassifierHandle, Detector, FitContext, Holdout, ImageSet, SplitView
+from .api import NEEDS, Detector, FitContext, Holdout, ImageSet, SplitView
+from .classifier import ClassifierHandle
 from .detector_state import from_arrays, to_arrays
 from .metrics import auroc
 

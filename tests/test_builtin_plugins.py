@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from oodbench.api import ClassifierHandle, DatasetContext, ImageSet, MissingDataError
+from oodbench.api import DatasetContext, ImageSet, MissingDataError
+from oodbench.classifier import ClassifierHandle
 from oodbench.benchmark import BenchmarkError, load_benchmark
 from oodbench.plugins import instantiate
 

@@ -4,7 +4,8 @@ import copy
 import pytest
 import torch
 
-from oodbench.api import ClassifierHandle, PluginError
+from oodbench.api import PluginError
+from oodbench.classifier import ClassifierHandle
 
 
 class Picky(torch.nn.Module):

@@ -7,7 +7,8 @@ import torch
 from sklearn.covariance import EmpiricalCovariance
 from sklearn.metrics import roc_curve
 
-from oodbench.api import ClassifierHandle, FitContext, ImageSet, SplitView
+from oodbench.api import FitContext, ImageSet, SplitView
+from oodbench.classifier import ClassifierHandle
 from oodbench_plugins.detectors.mahalanobis import Mahalanobis, MahalanobisPreprocessed
 from oodbench_plugins.detectors.odin import fgsm
 

@@ -8,7 +8,8 @@ from sklearn.linear_model import LogisticRegressionCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from oodbench.api import ClassifierHandle, FitContext, Holdout, ImageSet, SplitView
+from oodbench.api import FitContext, Holdout, ImageSet, SplitView
+from oodbench.classifier import ClassifierHandle
 from oodbench.metrics import fpr_at_tpr
 from oodbench_plugins.detectors.mahalanobis_ensemble import MahalanobisEnsemble, MahalanobisEnsembleNoOOD
 from oodbench_plugins.detectors.odin import fgsm

@@ -10,7 +10,8 @@ from scipy.linalg import null_space
 from scipy.special import log_softmax, softmax
 from sklearn.metrics import roc_curve
 
-from oodbench.api import ClassifierHandle, FitContext, Holdout, ImageSet, SplitView
+from oodbench.api import FitContext, Holdout, ImageSet, SplitView
+from oodbench.classifier import ClassifierHandle
 from oodbench_plugins.detectors.odin import Odin, OdinNoOOD, fgsm, odin_direction, odin_scores
 from oodbench_plugins.detectors.softmax import MaxSoftmax
 

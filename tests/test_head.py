@@ -10,7 +10,8 @@ import torch
 from scipy.special import logsumexp
 
 from oodbench import hookimpl
-from oodbench.api import ClassifierHandle, Detector, FitContext, ImageSet, PluginError, SplitView
+from oodbench.api import Detector, FitContext, ImageSet, PluginError, SplitView
+from oodbench.classifier import ClassifierHandle
 from oodbench.benchmark import load_benchmark
 from oodbench.cli import parse_detectors
 from oodbench.leaderboard import results_frame

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from oodbench import memory
-from oodbench.api import ClassifierHandle
+from oodbench.classifier import ClassifierHandle
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oodbench.api import ClassifierHandle, ImageSet, MissingDataError, PluginError
+from oodbench.api import ImageSet, MissingDataError, PluginError
+from oodbench.classifier import ClassifierHandle
 from oodbench.benchmark import load_benchmark
 from oodbench.cli import parse_detectors
 from oodbench.plugins import instantiate
