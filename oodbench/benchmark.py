@@ -39,9 +39,14 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .plugins import expected
 
 
 class BenchmarkError(ValueError):
@@ -90,15 +95,158 @@ class Benchmark:
     precision: str = "float32"
 
 
-_TOP = {"name", "description", "default", "in_distribution", "model", "sources", "run"}
-_IN_DISTRIBUTION = {"dataset", "options", "labels_per_class"}
-_MODEL = {"plugin", "options"}
-_SOURCES = {"mistakes", "ood", "attack_subset", "attacks"}
-_OOD_TABLE = {"dataset", "name", "options"}
-_ATTACK = {"plugin", "eps", "options"}
-_RUN = {"seeds": 1, "batch_size": 256, "holdout_size": 1000, "holdout_fraction": 0.2, "test_subset": 0,
-        "precision": "float32"}
-PRECISIONS = ("float32", "float64")
+Precision = Literal["float32", "float64"]
+PRECISIONS = typing.get_args(Precision)
+
+
+# -- the schema, as pydantic models -------------------------------------------------------------
+# TOML values are typed, so validation is strict (no "2" for an int, no 1 for true); an int is a fine
+# float. Every table refuses unknown keys: a typo such as ``oods = [...]`` would otherwise silently drop
+# what it meant to define. A field's words in errors come from its annotation (``plugins.expected``) or,
+# where those would read badly, from its ``expected`` extra.
+def _words(text: str) -> Any:
+    return Field(json_schema_extra={"expected": text})
+
+
+NonEmpty = Annotated[str, Field(min_length=1), _words("a non-empty string")]
+Options = dict[str, Any]
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    #: what the table is, in words, when something else stands in its place
+    expected: ClassVar[str] = "a table"
+
+
+class _InDistribution(_Table):
+    dataset: NonEmpty
+    options: Options = {}
+    labels_per_class: Annotated[int, Field(ge=0)] = 0
+
+
+class _Model(_Table):
+    plugin: NonEmpty
+    options: Options = {}
+
+
+class _OOD(_Table):
+    expected: ClassVar[str] = "a dataset name or a table {dataset, name, options}"
+    dataset: NonEmpty
+    name: NonEmpty | None = None  # the source is called ood:<name>; the dataset's name by default
+    options: Options = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_name_alone(cls, value: Any) -> Any:
+        return {"dataset": value} if isinstance(value, str) else value
+
+
+class _Attack(_Table):
+    plugin: NonEmpty
+    eps: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1),
+                   _words("a non-empty list of numbers in (0, 1] (pixel units)")]
+    options: Options = {}
+
+
+class _Sources(_Table):
+    mistakes: bool = True
+    ood: Annotated[list[_OOD], _words("a list of dataset names or tables {dataset, name, options}")] = []
+    attack_subset: Annotated[int, Field(ge=0)] = 0
+    attacks: Annotated[list[_Attack], _words("a list of tables {plugin, eps, options} ([[sources.attacks]])")] = []
+
+    @field_validator("ood")
+    @classmethod
+    def _distinct_names(cls, ood: list[_OOD]) -> list[_OOD]:
+        names = [item.name or item.dataset for item in ood]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate source names {duplicates}: give each a distinct 'name'")
+        return ood
+
+
+class _Run(_Table):
+    seeds: Annotated[int, Field(ge=1)] = 1
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    holdout_size: Annotated[int, Field(ge=0)] = 1000
+    holdout_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    test_subset: Annotated[int, Field(ge=0)] = 0
+    precision: Precision = "float32"
+
+
+class _File(_Table):
+    name: NonEmpty
+    description: str = ""
+    default: bool = False
+    in_distribution: Annotated[_InDistribution, _words('a table naming its dataset ([in_distribution] dataset = "NAME")')]
+    model: Annotated[_Model, _words('a table naming its model plugin ([model] plugin = "NAME")')]
+    sources: _Sources = _Sources()
+    run: _Run = _Run()
+
+    @field_validator("name")
+    @classmethod
+    def _plain(cls, name: str) -> str:
+        # The name is a folder under ./oodbench-results and what --benchmark takes: one plain path component.
+        if name in (".", "..") or any(c in name for c in "/\\\0"):
+            raise ValueError(f"must be a plain name (no '/', '\\', NUL, not '.' or '..'), got {name!r}")
+        return name
+
+
+def _model_in(annotation: Any) -> type[_Table] | None:
+    """The table model an annotation holds (itself, a list's items, an Annotated's type), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, _Table):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _explain(error: dict[str, Any], raw: dict[str, Any]) -> str:
+    """One pydantic error as ``where: problem``, ``where`` in TOML's dotted form (``sources.attacks[0].eps``)."""
+    loc = error["loc"]
+    where = ""            # the whole location, dotted
+    table: type[_Table] | None = _File  # the table model the next key belongs to
+    container, container_where = _File, ""
+    field_where, field_info, field_depth = "", None, 0  # the deepest declared field on the way
+    for depth, part in enumerate(loc, 1):
+        if isinstance(part, int):
+            where += f"[{part}]"
+            continue
+        container, container_where = table, where
+        where = f"{where}.{part}" if where else str(part)
+        fields = table.model_fields if table is not None else {}
+        if part in fields:
+            field_where, field_info, field_depth = where, fields[part], depth
+            table = _model_in(fields[part].annotation)
+        else:
+            table = None
+    kind = error["type"]
+    if kind == "extra_forbidden" and container is not None:
+        key = loc[-1]
+        return (f"{where}: unknown key {key} in {container_where or 'the top level'}; "
+                f"allowed: {', '.join(sorted(container.model_fields))}")
+    if kind == "value_error":
+        return f"{where}: {error['ctx']['error']}"
+    if kind in ("model_type", "model_attributes_type", "dict_type") and table is not None and len(loc) > field_depth:
+        return f"{where}: must be {table.expected}, got {error['input']!r}"  # an item of a list of tables
+    if field_info is None:
+        return f"{where}: {error['msg']}"
+    extra = field_info.json_schema_extra if isinstance(field_info.json_schema_extra, dict) else {}
+    # pydantic keeps a field's bounds (ge, lt, min_length) apart from its annotation: put them back for the words
+    annotation = (Annotated[(field_info.annotation, *field_info.metadata)] if field_info.metadata
+                  else field_info.annotation)
+    words = extra.get("expected") or (field_info.annotation.expected if field_info.annotation is table
+                                      and table is not None else expected(annotation))
+    if kind == "missing" and len(loc) == field_depth:
+        return f"{field_where}: missing; must be {words}"
+    value: Any = raw
+    try:
+        for part in loc[:field_depth]:
+            value = value[part]
+    except (KeyError, IndexError, TypeError):  # a value the schema rewrote (an OOD source given by name alone)
+        value = error["input"]
+    return f"{field_where}: must be {words}, got {value!r}"
 
 
 def _read(path: Path) -> tuple[bytes, dict[str, Any]]:
@@ -122,111 +270,38 @@ def _read(path: Path) -> tuple[bytes, dict[str, Any]]:
 def load_benchmark(path: Path) -> Benchmark:
     """Read and check a benchmark file; every mistake in it is a BenchmarkError naming the key.
 
-    Unknown keys are refused rather than ignored: a typo such as ``oods = [...]`` would otherwise
-    silently drop what it meant to define. Whether the named plugins exist is checked by the
-    caller, which holds the registry.
+    The schema is the pydantic models above; the first problem found is reported as one line
+    (``FILE: sources.attacks[0].eps: must be ...``). Unknown keys are refused rather than
+    ignored. Whether the named plugins exist is checked by the caller, which holds the registry.
     """
     path = Path(path)
     raw_bytes, raw = _read(path)
-
-    def fail(where: str, message: str) -> BenchmarkError:
-        return BenchmarkError(f"{path}: {where}: {message}")
-
-    def known(value: dict, where: str, allowed: set[str]) -> dict:
-        unknown = sorted(set(value) - allowed)
-        if unknown:
-            keys = ", ".join(f"{where}.{k}" if where else k for k in unknown)
-            raise fail(keys, f"unknown key {', '.join(unknown)} in {where or 'the top level'}; "
-                             f"allowed: {', '.join(sorted(allowed))}")
-        return value
-
-    def table(value: Any, where: str, allowed: set[str] | None = None) -> dict:
-        if not isinstance(value, dict):
-            raise fail(where, "must be a table")
-        return value if allowed is None else known(value, where, allowed)
-
-    def array(value: Any, where: str) -> list:
-        if not isinstance(value, list):
-            raise fail(where, f"must be a list, got {type(value).__name__} {value!r}")
-        return value
-
-    def text(value: Any, where: str) -> str:
-        if not isinstance(value, str) or not value:
-            raise fail(where, "must be a non-empty string")
-        return value
-
-    def options(value: Any, where: str) -> dict:
-        return dict(table(value if value is not None else {}, where))
-
-    def integer(value: Any, where: str, minimum: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise fail(where, f"must be an integer >= {minimum}")
-        return value
-
-    def flag(value: Any, where: str) -> bool:
-        if not isinstance(value, bool):
-            raise fail(where, "must be true or false")
-        return value
-
-    known(raw, "", _TOP)
-    name = text(raw.get("name"), "name")
-    # The name is a folder under ./oodbench-results and what --benchmark takes: one plain path component.
-    if name in (".", "..") or any(c in name for c in "/\\\0"):
-        raise fail("name", f"must be a plain name (no '/', '\\', NUL, not '.' or '..'), got {name!r}")
-    description = raw.get("description", "")
-    if not isinstance(description, str):
-        raise fail("description", "must be a string")
-    idd = table(raw.get("in_distribution"), "in_distribution", _IN_DISTRIBUTION)
-    model = table(raw.get("model"), "model", _MODEL)
-    sources = table(raw.get("sources", {}), "sources", _SOURCES)
-    run = {**_RUN, **table(raw.get("run", {}), "run", set(_RUN))}
-
-    ood = []
-    for i, item in enumerate(array(sources.get("ood", []), "sources.ood")):
-        where = f"sources.ood[{i}]"
-        if isinstance(item, str):
-            ood.append(OODRef(text(item, where), item))
-        else:
-            item = table(item, where, _OOD_TABLE)
-            dataset = text(item.get("dataset"), f"{where}.dataset")
-            ood.append(OODRef(text(item.get("name", dataset), f"{where}.name"), dataset, options(item.get("options"), f"{where}.options")))
-    names = [o.name for o in ood]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise fail("sources.ood", f"duplicate source names {duplicates}: give each a distinct 'name'")
-
-    attacks = []
-    for i, item in enumerate(array(sources.get("attacks", []), "sources.attacks")):
-        where = f"sources.attacks[{i}]"
-        item = table(item, where, _ATTACK)
-        eps = item.get("eps")
-        if not isinstance(eps, list) or not eps or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and 0 < e <= 1 for e in eps):
-            raise fail(f"{where}.eps", "must be a non-empty list of numbers in (0, 1] (pixel units)")
-        attacks.append(AttackRef(text(item.get("plugin"), f"{where}.plugin"), tuple(float(e) for e in eps), options(item.get("options"), f"{where}.options")))
-
-    fraction = run["holdout_fraction"]
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-        raise fail("run.holdout_fraction", "must be a number in [0, 1)")
-    if not isinstance(run["precision"], str) or run["precision"] not in PRECISIONS:
-        raise fail("run.precision", f"must be one of {', '.join(PRECISIONS)}, got {run['precision']!r}")
-
+    try:
+        data = _File.model_validate(raw)
+    except ValidationError as exc:
+        # an unknown key first: a typo ([modle]) also makes what it meant missing, and the typo is the news
+        errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
+        raise BenchmarkError(f"{path}: {_explain(errors[0], raw)}") from None
+    ood = tuple(OODRef(item.name or item.dataset, item.dataset, dict(item.options)) for item in data.sources.ood)
+    attacks = tuple(AttackRef(item.plugin, tuple(float(e) for e in item.eps), dict(item.options))
+                    for item in data.sources.attacks)
     return Benchmark(
-        name=name,
-        description=description,
+        name=data.name,
+        description=data.description,
         path=path,
         sha256=hashlib.sha256(raw_bytes).hexdigest(),
-        in_distribution=PluginRef(text(idd.get("dataset"), "in_distribution.dataset"), options(idd.get("options"), "in_distribution.options")),
-        model=PluginRef(text(model.get("plugin"), "model.plugin"), options(model.get("options"), "model.options")),
-        mistakes=flag(sources.get("mistakes", True), "sources.mistakes"),
-        ood=tuple(ood),
-        attacks=tuple(attacks),
-        attack_subset=integer(sources.get("attack_subset", 0), "sources.attack_subset", 0),
-        seeds=integer(run["seeds"], "run.seeds", 1),
-        batch_size=integer(run["batch_size"], "run.batch_size", 1),
-        holdout_size=integer(run["holdout_size"], "run.holdout_size", 0),
-        holdout_fraction=float(fraction),
-        test_subset=integer(run["test_subset"], "run.test_subset", 0),
-        default=flag(raw.get("default", False), "default"),
-        labels_per_class=integer(idd.get("labels_per_class", 0), "in_distribution.labels_per_class", 0),
-        precision=run["precision"],
+        in_distribution=PluginRef(data.in_distribution.dataset, dict(data.in_distribution.options)),
+        model=PluginRef(data.model.plugin, dict(data.model.options)),
+        mistakes=data.sources.mistakes,
+        ood=ood,
+        attacks=attacks,
+        attack_subset=data.sources.attack_subset,
+        seeds=data.run.seeds,
+        batch_size=data.run.batch_size,
+        holdout_size=data.run.holdout_size,
+        holdout_fraction=float(data.run.holdout_fraction),
+        test_subset=data.run.test_subset,
+        default=data.default,
+        labels_per_class=data.in_distribution.labels_per_class,
+        precision=data.run.precision,
     )
