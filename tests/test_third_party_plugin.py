@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "plugins" / "oodbench-energy"
+EXAMPLE = ROOT / "examples" / "oodbench-energy"
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +32,22 @@ def oodbench(env, *args):
 def test_installed_package_is_listed_with_its_distribution(installed):
     done = oodbench(installed, "list", "detectors")
     assert done.returncode == 0, done.stderr
-    line = next(l for l in done.stdout.splitlines() if l.startswith("energy "))
+    line = next(l for l in done.stdout.splitlines() if l.startswith("energy-example "))
     assert "oodbench-energy 0.1.0" in line and "free energy" in line
 
 
 def test_installed_package_lands_on_the_leaderboard(installed, tmp_path, shared_cache):
-    done = oodbench(installed, "run", "-d", "energy,msp", "-o", str(tmp_path), "--cache-dir", str(shared_cache), "-q")
+    done = oodbench(installed, "run", "-d", "energy-example,energy,msp", "-o", str(tmp_path), "--cache-dir",
+                    str(shared_cache), "-q")
     assert done.returncode == 0, done.stderr
     rows = pd.read_csv(tmp_path / "results.csv")
-    energy = rows[rows["detector"] == "energy"]
+    energy = rows[rows["detector"] == "energy-example"]
     assert len(energy) == 18 and (energy["status"] == "ok").all()
     assert set(energy["detector_plugin"]) == {"oodbench-energy"}
+    # the same score as the built-in energy, so the same numbers on every source
+    builtin = rows[rows["detector"] == "energy"]
+    assert set(builtin["detector_plugin"]) == {"oodbench"}
+    assert energy["auroc"].to_numpy() == pytest.approx(builtin["auroc"].to_numpy(), abs=1e-12)
 
 
 def test_the_example_package_tests_pass_with_the_kit(installed):

@@ -1,7 +1,9 @@
 """An oodbench detector shipped as its own package: the energy score.
 
-Installed with ``pip install plugins/oodbench-energy``, it is found through the ``oodbench``
-entry-point group like any third-party plugin: ``oodbench run --detectors energy,msp``.
+Installed with ``pip install examples/oodbench-energy``, it is found through the ``oodbench``
+entry-point group like any third-party plugin: ``oodbench run --detectors energy-example,msp``.
+oodbench has a built-in ``energy`` since; this example keeps its own name, because a name
+registered twice keeps its first provider (and ``oodbench list`` warns).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ class Energy(Detector):
     flags inputs with high energy). Needs: logits. Default T = 1, the paper's choice.
     """
 
-    name = "energy"
+    name = "energy-example"
 
     def __init__(self, *, temperature: float = 1.0):
         if temperature <= 0:
