@@ -2,16 +2,40 @@
 
 ``pos`` holds the scores of trustworthy inputs (in-distribution, clean, correctly
 classified), ``neg`` those of the failure source. A perfect detector has AUROC 1.
+
+Where a paper's released code computes a metric differently from its text, the function says
+which one it follows (``detection_error``, ``fpr_at_tpr``, ``mannwhitney_p``). On the
+``mistakes`` source the positives are the correct predictions and the negatives the errors, so
+the selective-classification metrics (``aurc``, ``e_aurc``, ``augrc``, ``coverage_at_accuracy``)
+apply there and only there. ``bootstrap_intervals`` gives seeded, stratified percentile
+intervals of AUROC, FPR at 95% TPR, AUPR-In and (on mistakes) AURC.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
 from scipy.stats import mannwhitneyu
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-METRICS = ("auroc", "aupr_in", "aupr_out", "fpr_at_95tpr", "detection_error", "mannwhitney_p")
+#: Point metrics of every row, in results.csv's order. The last four are the mistakes source's only
+#: (empty elsewhere; ``MISTAKES_ONLY``).
+METRICS = ("auroc", "aupr_in", "aupr_out", "fpr_at_95tpr", "detection_error", "mannwhitney_p",
+           "mannwhitney_p_greater", "aurc", "e_aurc", "augrc", "coverage_at_95acc")
+#: Metrics with a bootstrap interval, written as ``<metric>_ci_low`` and ``<metric>_ci_high``.
+CI_METRICS = ("auroc", "fpr_at_95tpr", "aupr_in", "aurc")
+INTERVALS = tuple(f"{m}_ci_{side}" for m in CI_METRICS for side in ("low", "high"))
+#: Columns that only the ``mistakes`` source has (selective classification).
+MISTAKES_ONLY = ("aurc", "e_aurc", "augrc", "coverage_at_95acc", "aurc_ci_low", "aurc_ci_high")
+#: Metrics where lower is better.
+LOWER_IS_BETTER = ("fpr_at_95tpr", "detection_error", "mannwhitney_p", "mannwhitney_p_greater", "aurc", "e_aurc",
+                   "augrc")
+#: A row with fewer positives or negatives than this is flagged ``small_sample``.
+SMALL_SAMPLE = 30
+#: Bootstrap resamples per interval, and the interval's level.
+N_RESAMPLES = 1000
+CI_LEVEL = 0.95
 
 
 def _labels_scores(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -51,42 +75,177 @@ def roc_points(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def fpr_at_tpr(pos: np.ndarray, neg: np.ndarray, tpr: float = 0.95) -> float:
-    """FPR at the highest threshold whose TPR reaches ``tpr`` (no interpolation)."""
+    """FPR at the highest threshold whose TPR reaches ``tpr`` (no interpolation).
+
+    Not the authors' number: ODIN's ``calMetric.tpr95`` (which Lee et al.'s scripts reuse) sweeps
+    a uniform grid of thresholds between the smallest and largest score and averages the FPR of
+    the grid points whose TPR lies in [0.9495, 0.9505], so each ROC point is weighted by the width
+    of its threshold interval, and where no grid point has TPR in that band (fewer than ~1,000
+    positives) it divides by zero. Ours is defined for every sample size and lies on the ROC
+    curve; the two agree when a single ROC point has TPR in the band and the sweep lands on it.
+    """
     fprs, tprs = roc_points(pos, neg)
     return float(fprs[np.searchsorted(tprs, tpr - 1e-12, side="left")])
 
 
-def detection_error(pos: np.ndarray, neg: np.ndarray, tpr: float = 0.95) -> float:
-    """ODIN's P_e = 0.5 (1 - TPR) + 0.5 FPR, at the threshold where TPR first reaches 95%.
+def detection_error(pos: np.ndarray, neg: np.ndarray) -> float:
+    """The authors' detection error: min over all thresholds of 0.5 (1 - TPR) + 0.5 FPR.
 
-    That is the paper's text ("the misclassification probability when TPR is 95%"); the
-    authors' script instead minimises over all thresholds, which can only be lower.
+    That is what ODIN's ``calMetric.detection()`` and Lee et al.'s DTACC (= 1 - this) compute,
+    sweeping thresholds; every threshold that matters is a distinct score, so the minimum over
+    the ROC points is the sweep's minimum without its grid (ODIN's text instead says "when TPR is
+    95%"; results.csv of schema version 2 and earlier held that reading). The points (0, 0) and
+    (1, 1) are thresholds too, so the value is at most 0.5.
     """
     fprs, tprs = roc_points(pos, neg)
-    i = np.searchsorted(tprs, tpr - 1e-12, side="left")
-    return float(0.5 * (1 - tprs[i]) + 0.5 * fprs[i])
+    return float(np.min(0.5 * (1 - tprs) + 0.5 * fprs))
 
 
 def mannwhitney_p(pos: np.ndarray, neg: np.ndarray) -> float:
-    """One-sided Mann-Whitney U p-value for "positives score higher than negatives"."""
+    """Two-sided Mann-Whitney U p-value (H1: the two score distributions differ), as the feature-GMM
+    paper tests P_correct != P_wrong with U = min(U_C, U_W). The direction is AUROC's (above or
+    below 0.5): an inverted detector gets a small p too."""
+    return float(mannwhitneyu(pos, neg, alternative="two-sided").pvalue)
+
+
+def mannwhitney_p_greater(pos: np.ndarray, neg: np.ndarray) -> float:
+    """One-sided Mann-Whitney U p-value for "positives score higher than negatives" (near 1 when inverted)."""
     return float(mannwhitneyu(pos, neg, alternative="greater").pvalue)
 
 
-def compute_all(pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
-    """Every metric of ``METRICS`` plus ``n_pos`` and ``n_neg``.
+def _risk_steps(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per distinct score, from the highest down: (inputs at that score, accepted, errors accepted).
 
-    With no positives or no negatives a ranking metric is undefined: those values are NaN
-    and the caller reports why instead of printing them as numbers.
+    Accepting every input scored at least the threshold; an error is a negative (the mistakes
+    source's misclassified inputs). Tied inputs are accepted or rejected together.
+    """
+    scores = np.concatenate([pos, neg]).astype(np.float64)
+    error = np.concatenate([np.zeros(len(pos)), np.ones(len(neg))])
+    values, inverse = np.unique(-scores, return_inverse=True)  # ascending -score = descending score
+    count = np.bincount(inverse, minlength=len(values)).astype(np.float64)
+    errors = np.bincount(inverse, weights=error, minlength=len(values))
+    return count, np.cumsum(count), np.cumsum(errors)
+
+
+def aurc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Area under the risk-coverage curve (Geifman et al.; FD-Shifts' AURC): the mean over coverage
+    levels k/n, k = 1..n, of the selective risk, the error rate among the k best-scored inputs.
+
+    Tied inputs enter together, so each of a tie's inputs gets the risk of the whole tie accepted.
+    """
+    count, accepted, errors = _risk_steps(pos, neg)
+    return float(np.sum(count * errors / accepted) / accepted[-1])
+
+
+def oracle_aurc(n_correct: int, n_errors: int) -> float:
+    """AURC of the oracle that scores every correct prediction above every error:
+    (1/n) sum_{k > n_correct} (k - n_correct) / k."""
+    n = n_correct + n_errors
+    k = np.arange(n_correct + 1, n + 1, dtype=np.float64)
+    return float(np.sum((k - n_correct) / k) / n) if n else math.nan
+
+
+def e_aurc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Excess AURC: ``aurc`` minus the oracle's, with the same accuracy (0 for a perfect ranking)."""
+    return aurc(pos, neg) - oracle_aurc(len(pos), len(neg))
+
+
+def augrc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Area under the generalized risk-coverage curve (Traub et al. 2024): the generalized risk at a
+    threshold is P(error and accepted) = (errors accepted) / n, integrated over coverage by the
+    trapezoid rule from (0, 0), tied inputs entering together. Equals
+    acc (1 - acc) (1 - AUROC) + (1 - acc)^2 / 2 with acc the accuracy (the paper's closed form).
+    """
+    count, accepted, errors = _risk_steps(pos, neg)
+    n = accepted[-1]
+    risk = np.r_[0.0, errors] / n
+    return float(np.sum(count / n * (risk[1:] + risk[:-1]) / 2))
+
+
+def coverage_at_accuracy(pos: np.ndarray, neg: np.ndarray, accuracy: float = 0.95) -> float:
+    """The largest coverage (share of inputs accepted, highest scores first, ties together) at which
+    the selective accuracy (correct among accepted) is at least ``accuracy``; 0 where none is."""
+    count, accepted, errors = _risk_steps(pos, neg)
+    ok = (accepted - errors) >= accuracy * accepted - 1e-9
+    return float(accepted[ok].max() / accepted[-1]) if ok.any() else 0.0
+
+
+def row_entropy(seed: int, *names: str) -> list[int]:
+    """Entropy of a row's bootstrap: the run's seed and the first 64 bits of sha256 of the row's
+    names (detector, source) joined by '|', so every row gets its own reproducible stream."""
+    digest = hashlib.sha256("|".join(names).encode("utf-8")).digest()
+    return [int(seed), int.from_bytes(digest[:8], "little")]
+
+
+def bootstrap_intervals(pos: np.ndarray, neg: np.ndarray, entropy, *, mistakes: bool = False,
+                        n_resamples: int = N_RESAMPLES, level: float = CI_LEVEL) -> dict[str, float]:
+    """Stratified percentile bootstrap intervals: ``{metric}_ci_low``/``_ci_high`` for ``CI_METRICS``
+    (``aurc`` only when ``mistakes``).
+
+    The draws: ``SeedSequence(entropy).spawn(2)`` gives one generator for the positives and one
+    for the negatives; resample b takes ``integers(0, n_pos, n_pos)`` positives and
+    ``integers(0, n_neg, n_neg)`` negatives (with replacement, the b-th row of one
+    ``(n_resamples, n)`` draw from each generator). Each statistic is computed on each resample
+    exactly as the point metric is; the bounds are ``np.percentile``'s (linear) of the
+    (1 - level)/2 and (1 + level)/2 quantiles. Vectorised: a resample is a vector of counts per
+    distinct score of the original sample, so the ROC of all resamples is one cumulative sum.
     """
     pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
-    out: dict[str, float] = {}
+    n_pos, n_neg = len(pos), len(neg)
+    names = [m for m in CI_METRICS if mistakes or m not in MISTAKES_ONLY]
+    _, inverse = np.unique(-np.concatenate([pos, neg]), return_inverse=True)  # level 0 = highest score
+    levels = int(inverse.max()) + 1
+    pos_level, neg_level = inverse[:n_pos], inverse[n_pos:]
+    pos_rng, neg_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(entropy).spawn(2))
+    stats = {m: np.empty(n_resamples) for m in names}
+    chunk = max(1, min(n_resamples, 4_000_000 // max(levels, n_pos, n_neg)))
+    for start in range(0, n_resamples, chunk):
+        c = min(chunk, n_resamples - start)
+        offset = (np.arange(c) * levels)[:, None]
+        p = np.bincount((offset + pos_level[pos_rng.integers(0, n_pos, (c, n_pos))]).ravel(),
+                        minlength=c * levels).reshape(c, levels).astype(np.float64)
+        q = np.bincount((offset + neg_level[neg_rng.integers(0, n_neg, (c, n_neg))]).ravel(),
+                        minlength=c * levels).reshape(c, levels).astype(np.float64)
+        tp, fp = np.cumsum(p, axis=1), np.cumsum(q, axis=1)
+        part = slice(start, start + c)
+        stats["auroc"][part] = np.sum(p * (n_neg - fp + 0.5 * q), axis=1) / (n_pos * n_neg)
+        first = np.argmax(tp >= (0.95 - 1e-12) * n_pos, axis=1)
+        stats["fpr_at_95tpr"][part] = fp[np.arange(c), first] / n_neg
+        accepted = tp + fp
+        precision = np.divide(tp, accepted, out=np.zeros_like(tp), where=accepted > 0)
+        stats["aupr_in"][part] = np.sum(p * precision, axis=1) / n_pos
+        if mistakes:
+            risk = np.divide(fp, accepted, out=np.zeros_like(fp), where=accepted > 0)
+            stats["aurc"][part] = np.sum((p + q) * risk, axis=1) / (n_pos + n_neg)
+    tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    out = {}
+    for m in names:
+        low, high = np.percentile(stats[m], tails)
+        out[f"{m}_ci_low"], out[f"{m}_ci_high"] = float(low), float(high)
+    return out
+
+
+def compute_all(pos: np.ndarray, neg: np.ndarray, *, mistakes: bool = False,
+                entropy=None) -> dict[str, float]:
+    """Every metric of ``METRICS`` and its ``INTERVALS``, ``n_pos``, ``n_neg`` and ``small_sample``.
+
+    ``mistakes``: the source is the classifier's mistakes (positives = correct predictions), so the
+    selective-classification metrics apply; elsewhere they are NaN (empty in the CSV).
+    ``entropy``: the bootstrap's seed material, ``row_entropy(run_seed, detector, source)`` in a
+    run; without it ``[0]``. With no positives or no negatives a ranking metric is undefined: those
+    values are NaN and the caller reports why instead of printing them as numbers.
+    """
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    out: dict[str, float] = {m: math.nan for m in (*METRICS, *INTERVALS)}
     if len(pos) and len(neg):
         out.update(
             auroc=auroc(pos, neg), aupr_in=aupr_in(pos, neg), aupr_out=aupr_out(pos, neg),
             fpr_at_95tpr=fpr_at_tpr(pos, neg), detection_error=detection_error(pos, neg),
-            mannwhitney_p=mannwhitney_p(pos, neg),
+            mannwhitney_p=mannwhitney_p(pos, neg), mannwhitney_p_greater=mannwhitney_p_greater(pos, neg),
         )
-    else:
-        out.update({m: math.nan for m in METRICS})
-    out.update(n_pos=len(pos), n_neg=len(neg))
+        if mistakes:
+            out.update(aurc=aurc(pos, neg), e_aurc=e_aurc(pos, neg), augrc=augrc(pos, neg),
+                       coverage_at_95acc=coverage_at_accuracy(pos, neg))
+        out.update(bootstrap_intervals(pos, neg, [0] if entropy is None else entropy, mistakes=mistakes))
+    out.update(n_pos=len(pos), n_neg=len(neg), small_sample=bool(min(len(pos), len(neg)) < SMALL_SAMPLE))
     return out
