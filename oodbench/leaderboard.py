@@ -3,7 +3,9 @@
 ``results.csv`` has one row per (benchmark, model, detector, source, seed) with the columns
 of ``RESULT_COLUMNS`` in that order, sorted by those keys, so diffs read well. It holds no
 timings or dates: the same command gives the same file. ``summary.csv`` has mean, std and
-``n_seeds`` of every metric per (benchmark, model, detector, source) over the ok rows.
+``n_seeds`` of every metric per (benchmark, model, detector, source) over the ok rows, the mean of
+the per-seed bootstrap interval bounds, the fewest positives and negatives of a seed and whether
+any seed's row was ``small_sample``.
 ``scores.npz`` keeps the per-input scores behind the ok rows, for plots; it is a per-run
 artefact, not part of the published schema.
 
@@ -33,20 +35,24 @@ import pandas as pd
 from tabulate import tabulate
 
 from .cache import atomic_write
-from .metrics import METRICS
+from .metrics import CI_METRICS, INTERVALS, LOWER_IS_BETTER, METRICS, MISTAKES_ONLY, SMALL_SAMPLE
 
 KEY_COLUMNS = ["benchmark", "model", "detector", "source", "seed"]
 RESULT_COLUMNS = [
     "schema_version", *KEY_COLUMNS, "status", "error",
-    *METRICS, "n_pos", "n_neg", "n_holdout",
+    *METRICS, *INTERVALS, "n_pos", "n_neg", "small_sample", "n_holdout",
     "source_kind", "negatives", "tuned_on_source", "tuned_params",
     "detector_plugin", "detector_version", "detector_options",
     "benchmark_sha256", "model_weights", "device", "oodbench_version",
 ]
 #: The schema ``results_frame`` writes; ``validate_frame`` also reads the versions before it.
-SCHEMA_VERSION = 2
-#: Columns each schema version added, which files of an earlier version do not have.
-ADDED_IN = {"model_weights": 2}
+SCHEMA_VERSION = 3
+#: Columns each schema version added, which files of an earlier version do not have. Version 3 also
+#: changed two meanings: ``detection_error`` is the minimum over thresholds (was: at 95% TPR) and
+#: ``mannwhitney_p`` two-sided (was: one-sided, now ``mannwhitney_p_greater``).
+ADDED_IN = {"model_weights": 2,
+            **{c: 3 for c in ("mannwhitney_p_greater", "aurc", "e_aurc", "augrc", "coverage_at_95acc",
+                              *INTERVALS, "small_sample")}}
 SUMMARY_KEYS = ["benchmark", "model", "detector", "source"]
 SCORES_FILE = "scores.npz"
 #: How CSV files write floats: 6 significant digits, so files diff well and read back the same everywhere.
@@ -65,9 +71,15 @@ def results_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
 
 def summary_frame(results: pd.DataFrame) -> pd.DataFrame:
+    """Per (benchmark, model, detector, source): ``n_seeds``, ``n_errors``, ``<metric>_mean`` and
+    ``<metric>_std`` over the ok seeds, ``<metric>_ci_low``/``_ci_high`` (the mean over seeds of each
+    seed's bootstrap bounds), ``n_pos``/``n_neg`` (the fewest of any ok seed) and ``small_sample``.
+
+    Columns a file of an older schema lacks (intervals, mistakes metrics) come out empty.
+    """
     results = results.copy()
-    for metric in METRICS:
-        results[metric] = pd.to_numeric(results[metric], errors="coerce")
+    for metric in (*METRICS, *INTERVALS, "n_pos", "n_neg"):
+        results[metric] = pd.to_numeric(results[metric], errors="coerce") if metric in results else np.nan
     ok = results[results["status"] == "ok"]
     rows = []
     for keys, group in results.groupby(SUMMARY_KEYS, sort=True):
@@ -79,6 +91,12 @@ def summary_frame(results: pd.DataFrame) -> pd.DataFrame:
             values = good[metric].astype(float)
             row[f"{metric}_mean"] = values.mean() if len(values) else float("nan")
             row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else (0.0 if len(values) else float("nan"))
+        for column in INTERVALS:
+            row[column] = good[column].astype(float).mean() if len(good) else float("nan")
+        for column in ("n_pos", "n_neg"):
+            row[column] = int(good[column].min()) if len(good) and good[column].notna().all() else pd.NA
+        row["small_sample"] = (row["n_pos"] is not pd.NA and row["n_neg"] is not pd.NA
+                               and bool(min(row["n_pos"], row["n_neg"]) < SMALL_SAMPLE))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -396,23 +414,35 @@ def read_scores(path: Path, keys: Iterable[ScoreKey]) -> dict[ScoreKey, tuple[np
             for (detector, source, seed), (pos, neg) in names.items() if pos in loaded}
 
 
-def pivot_cells(results: pd.DataFrame, metric: str = "auroc", number: str = "{:.3f}"
+#: The marker of a cell whose rows have fewer than ``SMALL_SAMPLE`` positives or negatives.
+SMALL_MARK = "†"
+TABLE_NOTE = (f"mean ± std over seeds; [low, high]: bootstrap 95% interval (mean of the seeds' bounds); "
+              f"n=positives/negatives (fewest of a seed); {SMALL_MARK}: fewer than {SMALL_SAMPLE} positives or "
+              f"negatives, too few to rank on (never marked best)")
+
+
+def pivot_cells(results: pd.DataFrame, metric: str = "auroc", number: str = "{:.3f}", details: bool = True
                 ) -> tuple[list[str], list[str], dict[tuple[str, str], tuple[str, bool]]]:
     """Sources (display order), detectors, and per (source, detector) the text and whether it is best.
 
     The text is ``metric`` as mean ± std over seeds (the mean alone with one seed), each number
-    formatted with ``number``, or ``error`` when no seed of that cell succeeded. Best is the
-    highest mean of the source, the lowest for metrics where lower is better.
+    formatted with ``number``, or ``error`` when no seed of that cell succeeded, or ``-`` where the
+    metric does not apply (the selective-classification metrics off the mistakes source). With
+    ``details`` it goes on with the bootstrap interval ``[low, high]`` (metrics that have one, files
+    of schema 3), ``n=POS/NEG`` and ``SMALL_MARK`` for a small sample. Best is the highest mean of
+    the source, the lowest for metrics where lower is better, among the cells that are not small
+    samples.
     """
     summary = summary_frame(results)
     if summary.empty:
         return [], [], {}
-    higher_is_better = metric not in ("fpr_at_95tpr", "detection_error", "mannwhitney_p")
+    higher_is_better = metric not in LOWER_IS_BETTER
     sources = sorted(summary["source"].unique(), key=_source_order)
     detectors = sorted(summary["detector"].unique())
     best = {}
     for source in sources:
-        column = summary[summary["source"] == source].set_index("detector")[f"{metric}_mean"].dropna()
+        rows = summary[(summary["source"] == source) & ~summary["small_sample"].astype(bool)]
+        column = rows.set_index("detector")[f"{metric}_mean"].dropna()
         if len(column):
             best[source] = column.max() if higher_is_better else column.min()
     cells = {}
@@ -422,9 +452,21 @@ def pivot_cells(results: pd.DataFrame, metric: str = "auroc", number: str = "{:.
             if cell.empty or cell.iloc[0]["n_seeds"] == 0:
                 cells[source, detector] = ("error", False)
                 continue
-            mean, std, n = cell.iloc[0][f"{metric}_mean"], cell.iloc[0][f"{metric}_std"], cell.iloc[0]["n_seeds"]
+            row = cell.iloc[0]
+            mean, std, n = row[f"{metric}_mean"], row[f"{metric}_std"], row["n_seeds"]
+            if pd.isna(mean):
+                cells[source, detector] = ("-", False)
+                continue
             text = number.format(mean) + (f" ± {number.format(std)}" if n > 1 else "")
-            cells[source, detector] = (text, bool(source in best and mean == best[source]))
+            small = bool(row["small_sample"])
+            if details:
+                if metric in CI_METRICS and not pd.isna(row[f"{metric}_ci_low"]):
+                    text += f" [{number.format(row[f'{metric}_ci_low'])}, {number.format(row[f'{metric}_ci_high'])}]"
+                if not pd.isna(row["n_pos"]):
+                    text += f" n={row['n_pos']}/{row['n_neg']}"
+                if small:
+                    text += f" {SMALL_MARK}"
+            cells[source, detector] = (text, bool(source in best and not small and mean == best[source]))
     return sources, detectors, cells
 
 
@@ -445,8 +487,9 @@ def pivot_table(results: pd.DataFrame, metric: str = "auroc", fmt: str = "github
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows([[_safe_cell(c) for c in row] for row in transposed])
         return buffer.getvalue().rstrip("\n")
-    return tabulate(transposed[1:], headers=transposed[0], tablefmt="github" if fmt == "markdown" else fmt,
-                    disable_numparse=True)
+    table = tabulate(transposed[1:], headers=transposed[0], tablefmt="github" if fmt == "markdown" else fmt,
+                     disable_numparse=True)
+    return table if fmt == "html" else f"{table}\n\n{TABLE_NOTE}"
 
 
 def _source_order(source: str) -> tuple[int, str]:
@@ -459,7 +502,7 @@ def _source_order(source: str) -> tuple[int, str]:
 # --------------------------------------------------------------------------------------
 _INT_COLUMNS = ("schema_version", "seed", "n_pos", "n_neg", "n_holdout")
 #: Columns of free text, where a cell must not start a spreadsheet formula.
-_TEXT_COLUMNS = frozenset(RESULT_COLUMNS) - set(_INT_COLUMNS) - set(METRICS)
+_TEXT_COLUMNS = frozenset(RESULT_COLUMNS) - set(_INT_COLUMNS) - set(METRICS) - set(INTERVALS)
 #: Seeds go to numpy and torch, and merged files to pandas, as int64.
 _INT_LIMIT = 2**63
 _SCHEMA_VERSIONS = frozenset(str(v) for v in range(1, SCHEMA_VERSION + 1))
@@ -502,7 +545,9 @@ def validate_frame(frame: pd.DataFrame, name: str = "results.csv") -> list[str]:
     """Every problem of a results table, as ``file:row N: column: problem`` (row 2 = first data row)."""
     problems: list[str] = []
     versions = set(frame["schema_version"].astype(str)) if "schema_version" in frame.columns else set()
-    oldest = min((int(v) for v in versions & _SCHEMA_VERSIONS), default=SCHEMA_VERSION)
+    # Columns are asked of the oldest version present; a file of no known version is judged by the columns every
+    # version has, so that its rows say "unsupported schema version" rather than list what later versions added.
+    oldest = min((int(v) for v in versions & _SCHEMA_VERSIONS), default=1)
     missing = [c for c in RESULT_COLUMNS if c not in frame.columns and ADDED_IN.get(c, 1) <= oldest]
     if missing:
         problems.append(f"{name}: missing columns: {', '.join(missing)}")
@@ -560,10 +605,22 @@ def _row_problems(record: dict[str, str], present: list[str]) -> Iterator[tuple[
         # A row of an older version has no value for a column added later, also in a merged file that has it.
         if column in present and ADDED_IN.get(column, 1) <= int(version) and not record[column].strip():
             yield column, "missing provenance"
-    for metric in METRICS:
-        message = _metric_problem(record[metric], status)
+    for metric in (*METRICS, *INTERVALS):
+        if metric not in present:  # a column of a later version, which this file does not have
+            continue
+        if ADDED_IN.get(metric, 1) > int(version):
+            why = f"not part of schema version {version}"
+        elif metric in MISTAKES_ONLY and record["source"] != "mistakes":
+            why = "only the mistakes source has it"
+        else:
+            why = ""
+        message = _metric_problem(record[metric], status, why)
         if message:
             yield metric, message
+    if "small_sample" in present:
+        message = _small_sample_problem(record, int(version))
+        if message:
+            yield "small_sample", message
     if status == "error" and not record["error"].strip():
         yield "error", "an error row must say why"
 
@@ -594,8 +651,27 @@ def _integer_problem(text: str) -> str | None:
     return None
 
 
-def _metric_problem(text: str, status: str) -> str | None:
-    """Why ``text`` is not the metric of a row with ``status``, or None: a number in [0, 1] when ok, empty on error."""
+def _small_sample_problem(record: dict[str, str], version: int) -> str | None:
+    """Why ``small_sample`` is wrong: from version 3 ``True`` or ``False`` as n_pos or n_neg is below
+    ``SMALL_SAMPLE``; empty in rows of earlier versions."""
+    text = record["small_sample"]
+    if version < ADDED_IN["small_sample"]:
+        return f"must be empty: not part of schema version {version}, got {text[:40]!r}" if text else None
+    if text not in ("True", "False"):
+        return f"expected True or False, got {text[:40]!r}"
+    counts = (record["n_pos"], record["n_neg"])
+    if all(_integer_problem(n) is None for n in counts):
+        expected = min(int(n) for n in counts) < SMALL_SAMPLE
+        if (text == "True") != expected:
+            return f"says {text} but n_pos={counts[0]}, n_neg={counts[1]} (small means fewer than {SMALL_SAMPLE})"
+    return None
+
+
+def _metric_problem(text: str, status: str, empty_because: str = "") -> str | None:
+    """Why ``text`` is not the metric of a row with ``status``, or None: a number in [0, 1] when ok, empty on error
+    and where ``empty_because`` says why the row has no such metric."""
+    if empty_because:
+        return f"must be empty: {empty_because}, got {text[:40]!r}" if text else None
     if status == "error":
         return f"an error row has no metrics, got {text[:40]!r}" if text else None
     if status != "ok":

@@ -1,14 +1,17 @@
 """Leaderboard files: validate (hand-made problems and fuzzing), merge, show."""
+import io
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oodbench.leaderboard import merge_frames, pivot_table, read_results, validate_frame
+from oodbench.leaderboard import csv_text, merge_frames, pivot_table, read_results, results_frame, validate_frame
+from oodbench.metrics import compute_all, row_entropy
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "leaderboards" / "digits" / "results.csv"
 
@@ -47,8 +50,56 @@ def test_schema_1_files_stay_valid_and_schema_2_needs_model_weights(published):
     assert validate_frame(published.drop(columns=["model_weights"]), "v2.csv") == ["v2.csv: missing columns: model_weights"]
     mixed = pd.concat([old.iloc[1:], published.head(1)], ignore_index=True)  # v1 rows lack it, the v2 row has it
     assert validate_frame(mixed, "mixed.csv") == []
-    future = published.head(1).assign(schema_version="3")
-    assert validate_frame(future, "f.csv") == ["f.csv:row 2: schema_version: unsupported schema version '3'"]
+    future = published.head(1).assign(schema_version="4")
+    assert validate_frame(future, "f.csv") == ["f.csv:row 2: schema_version: unsupported schema version '4'"]
+    assert validate_frame(published.head(1).assign(schema_version="3"), "f.csv")[0].startswith(
+        "f.csv: missing columns: mannwhitney_p_greater, aurc, e_aurc")
+
+
+def _schema_3(published: pd.DataFrame) -> pd.DataFrame:
+    """Two rows of the published file brought to schema 3 with metrics of real scores: mistakes and an ood source."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for source, n_neg in (("mistakes", 12), ("ood:uniform", 40)):
+        base = published[(published["source"] == source) & (published["seed"] == "0")].iloc[0].to_dict()
+        values = compute_all(rng.normal(1, 1, 50), rng.normal(0, 1, n_neg), mistakes=source == "mistakes",
+                             entropy=row_entropy(0, base["detector"], source))
+        rows.append({**base, **values, "schema_version": 3})
+    return pd.read_csv(io.StringIO(csv_text(results_frame(rows))), dtype=str, keep_default_na=False)
+
+
+def test_schema_3_rows_validate_and_merge_with_schema_2(published):
+    v3 = _schema_3(published)
+    assert validate_frame(v3, "v3.csv") == []
+    mistakes, ood = v3.iloc[0], v3.iloc[1]
+    assert mistakes["small_sample"] == "True" and ood["small_sample"] == "False"  # 12 errors < 30 <= 40
+    assert mistakes["aurc"] and mistakes["aurc_ci_low"] and not ood["aurc"] and not ood["coverage_at_95acc"]
+    assert float(mistakes["auroc_ci_low"]) <= float(mistakes["auroc"]) <= float(mistakes["auroc_ci_high"])
+    merged = merge_frames([published.head(3), v3])  # v2 rows leave the new columns empty
+    assert validate_frame(merged, "m.csv") == []
+    bad = v3.copy()
+    bad.loc[1, "aurc"] = "0.2"
+    bad.loc[0, "small_sample"] = "False"
+    bad.loc[1, "auroc_ci_low"] = ""
+    assert validate_frame(bad, "b.csv") == [
+        "b.csv:row 2: small_sample: says False but n_pos=50, n_neg=12 (small means fewer than 30)",
+        "b.csv:row 3: aurc: must be empty: only the mistakes source has it, got '0.2'",
+        "b.csv:row 3: auroc_ci_low: expected a number, got ''"]
+    old = merged.copy()
+    old.loc[0, "mannwhitney_p_greater"] = "0.5"
+    assert validate_frame(old, "o.csv") == [
+        "o.csv:row 2: mannwhitney_p_greater: must be empty: not part of schema version 2, got '0.5'"]
+
+
+def test_show_prints_interval_n_and_small_sample_marker(published):
+    v3 = _schema_3(published)
+    table = pivot_table(v3, "auroc", "github")
+    row = v3.iloc[0]
+    assert f"{float(row['auroc']):.3f} [{float(row['auroc_ci_low']):.3f}, {float(row['auroc_ci_high']):.3f}] n=50/12 †" \
+        in table
+    assert "n=50/40" in table and "**" not in table.split("\n")[2]  # the small mistakes row is never "best"
+    assert "bootstrap 95% interval" in table
+    assert "-" in pivot_table(v3, "aurc", "csv").splitlines()[-1]  # no AURC off the mistakes source
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
