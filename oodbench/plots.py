@@ -128,7 +128,8 @@ def iter_plots(run: RunData) -> Iterator[Plot]:
     n_seeds = run.results["seed"].nunique()
 
     def legend_title(metric: str) -> str:
-        return f"{metric} mean ± std over {n_seeds} seeds" if n_seeds > 1 else f"{metric} (one seed)"
+        title = f"{metric} mean ± std over {n_seeds} seeds" if n_seeds > 1 else f"{metric} (one seed)"
+        return title + ", [bootstrap 95% interval], † fewer than 30 positives or negatives"
 
     for source in sources:
         seed = min(s for _, src, s in run.scores if src == source)
@@ -150,7 +151,7 @@ def iter_plots(run: RunData) -> Iterator[Plot]:
                  _curve_figure("pr", source, seed, pairs, styles, summary, "aupr_in", legend_title("AUPR-in"))),
                 ("hist", f"Score histograms, {source}, seed {seed}: {positives} (blue) against {negatives} "
                          "(orange), densities over bins shared within each panel; panel titles give that seed's "
-                         f"AUROC and one-sided Mann-Whitney U p-value.{left_out}",
+                         f"AUROC and two-sided Mann-Whitney U p-value.{left_out}",
                  _histogram_figure(source, seed, pairs, results, positives, negatives)),
             ]
         for kind, caption, figure in figures:
@@ -182,7 +183,11 @@ def _labels_scores(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.nda
 def _legend_value(summary: pd.DataFrame, detector: str, source: str, metric: str) -> str:
     cell = summary.loc[(detector, source)]
     mean, std = cell[f"{metric}_mean"], cell[f"{metric}_std"]
-    return f"{mean:.3f}" + (f" ± {std:.3f}" if cell["n_seeds"] > 1 else "")
+    text = f"{mean:.3f}" + (f" ± {std:.3f}" if cell["n_seeds"] > 1 else "")
+    low, high = cell.get(f"{metric}_ci_low"), cell.get(f"{metric}_ci_high")
+    if low is not None and not pd.isna(low):
+        text += f" [{low:.3f}, {high:.3f}]"
+    return text + (" †" if cell.get("small_sample") else "")
 
 
 def _curve_figure(kind: str, source: str, seed: int, pairs: dict[str, tuple[np.ndarray, np.ndarray]],

@@ -1,7 +1,8 @@
 """``oodbench report``: one self-contained HTML page about a run folder.
 
 The page holds the leaderboard tables (AUROC, FPR at 95% TPR, Mann-Whitney U p-value; mean ±
-std over seeds, best per source in bold), the failed rows, the plots of ``plots.py`` embedded
+std over seeds, the bootstrap interval and n beside each figure, small samples marked, best per
+source in bold), the selective-classification metrics of the mistakes source, the failed rows, the plots of ``plots.py`` embedded
 as PNG data URIs, and the run's provenance from ``run.json``. It loads nothing from elsewhere,
 so it can be mailed or attached to an issue as one file. Every text from the run folder is
 HTML-escaped. Without ``scores.npz`` the page has the tables and says why the plots are
@@ -18,13 +19,21 @@ from typing import Any
 import pandas as pd
 
 from .cache import atomic_write
-from .leaderboard import pivot_cells
+from .leaderboard import TABLE_NOTE, pivot_cells
 from .plots import RunData, iter_plots, load_run, write_plot
 
 TABLES = (
     ("auroc", "AUROC", "{:.3f}", "higher is better"),
     ("fpr_at_95tpr", "FPR at 95% TPR", "{:.3f}", "lower is better"),
-    ("mannwhitney_p", "Mann-Whitney U p-value", "{:.2g}", "one-sided, positives score higher; lower is better"),
+    ("mannwhitney_p", "Mann-Whitney U p-value", "{:.2g}",
+     "two-sided, as the feature-GMM paper tests; the direction is AUROC's; lower is better"),
+)
+#: The mistakes source's selective-classification metrics: (metric, heading, direction).
+SELECTIVE = (
+    ("aurc", "AURC", "lower is better"),
+    ("e_aurc", "E-AURC", "AURC minus the oracle's; lower is better"),
+    ("augrc", "AUGRC", "Traub et al. 2024; lower is better"),
+    ("coverage_at_95acc", "coverage at 95% selective accuracy", "higher is better"),
 )
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 80em; padding: 0 1em; color: #222; }
@@ -90,8 +99,15 @@ def _page(run: RunData, meta: dict[str, Any], meta_note: str, plots: list[tuple[
     ]
     for metric, title, number, direction in TABLES:
         parts.append(f"<h2>{escape(title)}</h2>")
-        parts.append(f"<p>Mean ± std over seeds ({escape(direction)}); the best of each source in bold.</p>")
+        parts.append(f"<p>{escape(direction[0].upper() + direction[1:])}; the best of each source in bold. "
+                     f"Cells: {escape(TABLE_NOTE)}.</p>")
         parts.append(_pivot_html(results, metric, number))
+    if (results["source"] == "mistakes").any():
+        parts.append("<h2>Selective classification (mistakes source)</h2>")
+        parts.append("<p>Accepting the inputs a detector scores highest, the risk is the error rate among those "
+                     "accepted: " + "; ".join(f"{escape(t)} ({escape(d)})" for _, t, d in SELECTIVE)
+                     + f". Cells: {escape(TABLE_NOTE)}.</p>")
+        parts.append(_selective_html(results))
     errors = results[results["status"] != "ok"]
     if len(errors):
         parts.append("<h2>Failed rows</h2>")
@@ -128,6 +144,22 @@ def _pivot_html(results: pd.DataFrame, metric: str, number: str) -> str:
             text, best = cells[source, detector]
             tds.append(f'<td class="best"><strong>{escape(text)}</strong></td>' if best else f"<td>{escape(text)}</td>")
         rows.append(f"<tr><td>{escape(source)}</td>{''.join(tds)}</tr>")
+    return f"<table><thead>{header}</thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _selective_html(results: pd.DataFrame) -> str:
+    """Detectors x the selective-classification metrics, on the mistakes source only."""
+    mistakes = results[results["source"] == "mistakes"]
+    columns = [pivot_cells(mistakes, metric) for metric, _, _ in SELECTIVE]
+    detectors = columns[0][1]
+    header = "<tr><th>detector</th>" + "".join(f"<th>{escape(t)}</th>" for _, t, _ in SELECTIVE) + "</tr>"
+    rows = []
+    for detector in detectors:
+        tds = []
+        for _, _, cells in columns:
+            text, best = cells["mistakes", detector]
+            tds.append(f'<td class="best"><strong>{escape(text)}</strong></td>' if best else f"<td>{escape(text)}</td>")
+        rows.append(f"<tr><td>{escape(detector)}</td>{''.join(tds)}</tr>")
     return f"<table><thead>{header}</thead><tbody>{''.join(rows)}</tbody></table>"
 
 

@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 from oodbench.benchmark import load_benchmark
 from oodbench.cli import main, parse_detectors
 from oodbench.leaderboard import SCORES_FILE, read_results, read_scores, write_run, write_scores
+from oodbench.metrics import INTERVALS, METRICS
 from oodbench.plots import file_names, safe_name
 from oodbench.report import write_report
 from oodbench.runner import RunOptions, run_benchmark
@@ -185,9 +186,26 @@ def test_failed_rows_are_listed_escaped_and_left_out_of_the_curves(run, tmp_path
     frame = read_results(folder / "results.csv")
     failed = (frame["detector"] == "msp") & (frame["source"] == "mistakes") & (frame["seed"] == "0")
     frame.loc[failed, ["status", "error"]] = ["error", "fit failed: <b>boom</b>"]
-    frame.loc[failed, ["auroc", "aupr_in", "aupr_out", "fpr_at_95tpr", "detection_error", "mannwhitney_p"]] = ""
+    frame.loc[failed, [*METRICS, *INTERVALS]] = ""
     frame.to_csv(tmp_path / "results.csv", index=False)
     write_report(tmp_path, tmp_path / "report.html")
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "Failed rows" in html and "fit failed: &lt;b&gt;boom&lt;/b&gt;" in html and "<b>boom" not in html
     assert "Not drawn (no scores for seed 0): msp." in html
+
+
+def test_tables_show_n_interval_small_sample_marker_and_selective_metrics(run, tmp_path):
+    _, folder, _ = run
+    for name in ("run.json", SCORES_FILE):
+        shutil.copy(folder / name, tmp_path / name)
+    frame = read_results(folder / "results.csv")
+    small = (frame["detector"] == "msp") & (frame["source"] == "mistakes")
+    frame.loc[small, ["n_neg", "small_sample"]] = ["5", "True"]  # a source too small to rank on
+    frame.to_csv(tmp_path / "results.csv", index=False)
+    write_report(tmp_path, tmp_path / "report.html")
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    cell = frame[(frame["detector"] == "logits") & (frame["source"] == "ood:../noise|x")]
+    low = np.mean(cell["auroc_ci_low"].astype(float))  # the mean of the seeds' lower bounds
+    assert f"[{low:.3f}, " in html and f"n={cell['n_pos'].astype(int).min()}/{cell['n_neg'].astype(int).min()}" in html
+    assert re.search(r"n=\d+/5 †", html) and "fewer than 30 positives or negatives" in html
+    assert "Selective classification" in html and "AUGRC" in html and "two-sided" in html
