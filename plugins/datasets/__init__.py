@@ -4,13 +4,14 @@ from oodbench import hookimpl
 
 @hookimpl
 def oodbench_register_datasets(register):
-    from . import digits, files, folders, noise, torchvision_sets, transforms
+    from . import corruptions, digits, files, folders, noise, torchvision_sets, transforms
 
     register(digits.Digits)
     register(noise.GaussianNoise)
     register(noise.UniformNoise)
     register(transforms.Flip, name="hflip", axis="horizontal")
     register(transforms.Flip, name="vflip", axis="vertical")
+    register(corruptions.CommonCorruption)
     register(digits.NaturalPatches)
     register(files.NpzImages)
     register(torchvision_sets.CIFAR10)
