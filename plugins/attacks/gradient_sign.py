@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from oodbench.api import Attack, ClassifierHandle
+from oodbench.api import Attack, Classifier
 
 
-def _gradient(model: ClassifierHandle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _gradient(model: Classifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy input gradient at the true labels."""
     return model.input_gradient(x, lambda logits, _, labels: F.cross_entropy(logits, labels, reduction="none"),
                                 targets=y)

@@ -6,8 +6,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from oodbench.api import ClassifierHandle, Detector, FitContext, PluginError, SplitView
-from oodbench.metrics import fpr_at_tpr
+from oodbench.api import Classifier, Detector, FitContext, PluginError, SplitView, fpr_at_tpr
 
 from .odin import fgsm
 from .stored import classifier_of
@@ -149,15 +148,15 @@ class MahalanobisPreprocessed(Mahalanobis):
         self.fgsm_epsilon = float(fgsm_epsilon)
         self.epsilon = self.epsilons[0]
         self.val_fpr95: dict[str, float] = {}
-        self._model: ClassifierHandle | None = None
+        self._model: Classifier | None = None
 
-    def direction(self, model: ClassifierHandle, images: torch.Tensor) -> torch.Tensor:
+    def direction(self, model: Classifier, images: torch.Tensor) -> torch.Tensor:
         """sign(grad_x of the distance to the closest class): one forward+backward per image."""
         whiten, centers = (torch.from_numpy(a).to(model.device) for a in self._fitted())
         return model.input_gradient(images, lambda logits, features: closest_distance_torch(
             features, whiten, centers)).sign()
 
-    def _scores(self, model: ClassifierHandle, images: torch.Tensor, direction: torch.Tensor, epsilon: float) -> np.ndarray:
+    def _scores(self, model: Classifier, images: torch.Tensor, direction: torch.Tensor, epsilon: float) -> np.ndarray:
         return -self.min_distance(model.outputs(images - epsilon * direction)[1].numpy())
 
     def fit(self, ctx: FitContext) -> None:

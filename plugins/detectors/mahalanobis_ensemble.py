@@ -14,8 +14,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from oodbench.api import ClassifierHandle, Detector, FitContext, Holdout, PluginError, SplitView
-from oodbench.metrics import fpr_at_tpr
+from oodbench.api import Classifier, Detector, FitContext, Holdout, PluginError, SplitView, fpr_at_tpr
 
 from .mahalanobis import closest_distance_torch, fit_tied_gaussian, min_distance
 from .odin import fgsm
@@ -153,7 +152,7 @@ class MahalanobisEnsemble(Detector):
         self._gaussians: list[tuple[np.ndarray, np.ndarray]] = []
         self._memo: dict[tuple[float, bytes], np.ndarray] = {}
         self._regression: _Regression | None = None
-        self._model: ClassifierHandle | None = None
+        self._model: Classifier | None = None
         self._val: SplitView | None = None
         self._seed = 0
         self._validation_choice: tuple[dict[str, Any], float, Any] | None = None

@@ -12,8 +12,7 @@ import torch
 from pydantic import Field
 from scipy.special import log_softmax
 
-from oodbench.api import ClassifierHandle, Detector, FitContext, Holdout, PluginError, SplitView
-from oodbench.metrics import fpr_at_tpr
+from oodbench.api import Classifier, Detector, FitContext, Holdout, PluginError, SplitView, fpr_at_tpr
 
 from .stored import classifier_of
 
@@ -28,7 +27,7 @@ def max_softmax(logits: torch.Tensor | np.ndarray, temperature: float) -> np.nda
     return np.exp(log_softmax(z, axis=1).max(1))
 
 
-def odin_direction(model: ClassifierHandle, images: torch.Tensor, temperature: float) -> torch.Tensor:
+def odin_direction(model: Classifier, images: torch.Tensor, temperature: float) -> torch.Tensor:
     """sign(grad_x log S_yhat(x; T)), yhat = argmax f(x): x~ = x + eps * this = x - eps * sign(-grad).
 
     One forward+backward per image.
@@ -41,13 +40,13 @@ def odin_direction(model: ClassifierHandle, images: torch.Tensor, temperature: f
     return model.input_gradient(images, log_score).sign()
 
 
-def odin_scores(model: ClassifierHandle, images: torch.Tensor, temperature: float, epsilon: float) -> np.ndarray:
+def odin_scores(model: Classifier, images: torch.Tensor, temperature: float, epsilon: float) -> np.ndarray:
     """S(x~; T) for a batch: one forward+backward at x, one forward at x~."""
     perturbed = images + epsilon * odin_direction(model, images, temperature)
     return max_softmax(model.logits(perturbed), temperature)
 
 
-def fgsm(model: ClassifierHandle, images: torch.Tensor, labels: np.ndarray, epsilon: float) -> torch.Tensor:
+def fgsm(model: Classifier, images: torch.Tensor, labels: np.ndarray, epsilon: float) -> torch.Tensor:
     """FGSM (Goodfellow et al. 2015) in pixel space: clip(x + eps * sign(grad_x CE(f(x), y)), 0, 1)."""
     targets = torch.tensor(labels, dtype=torch.long)  # a copy: views are read-only
     grad = model.input_gradient(
@@ -57,7 +56,7 @@ def fgsm(model: ClassifierHandle, images: torch.Tensor, labels: np.ndarray, epsi
 
 
 def grid_search(
-    model: ClassifierHandle,
+    model: Classifier,
     positives: torch.Tensor,
     negatives: torch.Tensor,
     temperatures: Sequence[float],
@@ -168,14 +167,14 @@ class Odin(Detector):
         self.temperatures = tuple(float(t) for t in temperatures)
         self.epsilons = tuple(float(e) for e in epsilons)
         self.choice: dict[str, float] = {"temperature": float(temperature), "epsilon": float(epsilon)}
-        self._model: ClassifierHandle | None = None
+        self._model: Classifier | None = None
 
     def fit(self, ctx: FitContext) -> None:
         if ctx.model is None:
             raise PluginError(f"{self.name} needs the classifier (FitContext.model) for input gradients")
         self._model = ctx.model
 
-    def _handle(self) -> ClassifierHandle:
+    def _handle(self) -> Classifier:
         if self._model is None:
             raise PluginError(f"{self.name}: call fit() before tune() or score()")
         return self._model

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from oodbench.api import ClassifierHandle, FitContext, PluginError
+from oodbench.api import Classifier, FitContext, PluginError
 
 
 def with_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def device_of(ctx: FitContext | None) -> torch.device:
     return ctx.device if ctx is not None else torch.device("cpu")
 
 
-def classifier_of(ctx: FitContext | None, name: str) -> ClassifierHandle:
+def classifier_of(ctx: FitContext | None, name: str) -> Classifier:
     """The classifier a gradient detector needs after loading: not state, so it comes from the context."""
     if ctx is None or ctx.model is None:
         raise PluginError(f"{name} needs the classifier (FitContext.model) for input gradients: "

@@ -100,7 +100,7 @@ class DenseNetBCNetwork(LayeredNetwork):
 
     @property
     def head(self) -> nn.Linear:
-        """The final layer, penultimate features -> logits (``ClassifierHandle.head``); stored as ``fc``."""
+        """The final layer, penultimate features -> logits (``oodbench.api.Classifier.head``); stored as ``fc``."""
         return self.fc
 
     def forward_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:

@@ -25,7 +25,7 @@ class _Network(LayeredNetwork):
 
     @property
     def head(self) -> nn.Linear:
-        """The final layer, penultimate features -> logits (``ClassifierHandle.head``); stored as ``linear``."""
+        """The final layer, penultimate features -> logits (``oodbench.api.Classifier.head``); stored as ``linear``."""
         return self.linear
 
     def forward_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:

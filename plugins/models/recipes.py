@@ -14,8 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from oodbench.api import UNLABELED, ImageSet, PluginError
-from oodbench.cache import atomic_write
+from oodbench.api import UNLABELED, ImageSet, PluginError, atomic_write
 
 #: ``normalisation`` option -> (mean, std) per RGB channel; ``none`` is the identity.
 NORMALISATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
