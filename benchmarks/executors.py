@@ -20,13 +20,14 @@ driver's overhead per task:
 * sequential executors (``local``, ``inline``): (wall - sum of task seconds) / tasks;
 * ``dask``: (wall - sum of task seconds / workers) / tasks, an UPPER BOUND: sum / workers is
   the least the work could take on that many workers, while dependencies (a seed's detector
-  tasks wait for its prepare task) and uneven task lengths make the real critical work longer.
+  tasks wait for its sources task, which waits for its extract and attack tasks) and uneven
+  task lengths make the real critical work longer.
   The tighter bound with the plan's longest chain, max(sum / workers, chain), is given too.
 
 Overheads include what a task does outside its own timer: starting workers (the local
 executor's fork server, Dask's LocalCluster), shipping tasks and their results (rows and
 scores), and, on a Dask worker that did not prepare a seed, reading that seed's outputs back
-from the store before the detector task's timer starts.
+from the store before the task's timer starts.
 
 The results CSV (``csv_text(results_frame(rows))``) of every executor is compared with the
 first one's; the JSON records whether each is identical. No assertion on time.
@@ -91,17 +92,30 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+#: the task kinds that make a seed's data (classifier, shared outputs, attacks, sources) and those of the detectors
+DATA_KINDS = ("classifier", "extract", "attack", "sources")
+DETECTOR_KINDS = ("fit", "evaluate", "detector")
+
+
 def longest_chain(per_task: list[dict[str, Any]]) -> float:
-    """Seconds of the plan's longest dependency chain: a seed's prepare task, then its longest detector task."""
-    prepare: dict[str, float] = {}
-    longest: dict[str, float] = defaultdict(float)
+    """Seconds of the plan's longest dependency chain, per seed: the classifier, the slowest extract or attack,
+    the sources, then the slowest detector (its fit and its slowest evaluate, or its one detector task)."""
+    chain: dict[str, dict[str, Any]] = defaultdict(lambda: {"classifier": 0.0, "warm": 0.0, "sources": 0.0,
+                                                            "fit": defaultdict(float), "rows": defaultdict(float)})
     for task in per_task:
-        seed = task["label"].rsplit(" seed ", 1)[1]
-        if task["kind"] == "prepare":
-            prepare[seed] = task["seconds"]
-        else:
-            longest[seed] = max(longest[seed], task["seconds"])
-    return max((seconds + longest[seed] for seed, seconds in prepare.items()), default=0.0)
+        seed = chain[task["label"].rsplit(" seed ", 1)[1]]
+        kind, seconds = task["kind"], task["seconds"]
+        if kind in ("classifier", "sources"):
+            seed[kind] += seconds
+        elif kind in ("extract", "attack"):
+            seed["warm"] = max(seed["warm"], seconds)
+        elif kind == "fit":
+            seed["fit"][task["detector"]] += seconds
+        else:  # evaluate (one source) or detector (every source)
+            seed["rows"][task["detector"]] = max(seed["rows"][task["detector"]], seconds)
+    return max((s["classifier"] + s["warm"] + s["sources"]
+                + max((s["fit"][d] + s["rows"][d] for d in {*s["fit"], *s["rows"]}), default=0.0)
+                for s in chain.values()), default=0.0)
 
 
 def measure(name: str, bench: Benchmark, registry: Registry, detectors: str, seeds: list[int]) -> tuple[dict, str]:
@@ -200,7 +214,7 @@ def measure_all(bench: Benchmark, registry: Registry, detectors: str, seeds: lis
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = ["| executor | workers x threads | tasks | wall s | sum of task s | prepare s | detector s "
+    lines = ["| executor | workers x threads | tasks | wall s | sum of task s | data s | detector s "
              "| overhead / task s | results identical |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, run in report["executors"].items():
@@ -208,8 +222,8 @@ def table(report: dict[str, Any]) -> str:
         bound = "" if run["driver_overhead_is"] == "exact" else " (upper bound)"
         lines.append(f"| {name} | {run['workers']} x {run['torch_threads_per_worker']} | {run['tasks']} "
                      f"| {run['wall_seconds']:.1f} | {run['task_seconds']:.1f} "
-                     f"| {kinds.get('prepare', {}).get('seconds', 0):.1f} "
-                     f"| {kinds.get('detector', {}).get('seconds', 0):.1f} "
+                     f"| {sum(kinds.get(k, {}).get('seconds', 0) for k in DATA_KINDS):.1f} "
+                     f"| {sum(kinds.get(k, {}).get('seconds', 0) for k in DETECTOR_KINDS):.1f} "
                      f"| {run['driver_overhead_per_task_seconds']:.2f}{bound} "
                      f"| {'yes' if report['results_identical'][name] else 'NO'} |")
     for name, ratio in report["speed_up"].items():

@@ -10,6 +10,13 @@ assumptions in ``ASSUMED``. The JSON repeats both, so each number can be traced.
 
 Cost model, per task (fp32 throughout, the benchmarks' default; ``--bf16`` would cut it):
 
+The plans are made without a store, which groups a seed's work as this cost model prices it:
+one ``sources`` task per seed (classifier, outputs, attacks; the store's plan splits it into
+``classifier``, ``extract`` and ``attack`` tasks) and one ``detector`` task per detector and
+seed (the store's plan splits a detector that stores its fit into ``fit`` and one ``evaluate``
+per source, which can only spread the work further: the wall times below are upper bounds).
+Figures in the JSON (``prepare`` = the ``sources`` task) are as published on 2026-12-01.
+
 * ``prepare``: training (DenseNet-BC-100: the measured ~1.7 h for 300 epochs; WRN-28-10:
   epochs x train images / its measured train-step throughput), extraction of every image set
   (the measured 22 s per 170k images, DenseNet; WRN scaled by the inference-throughput
@@ -382,7 +389,7 @@ def study(registry: Registry, benchmarks: tuple[str, ...], seeds: int) -> dict[s
                     "detector (gradients)": {"tasks": 0, "gpu_hours": 0.0, "held_hours": 0.0},
                     "detector (stored outputs)": {"tasks": 0, "gpu_hours": 0.0, "held_hours": 0.0}}
         for task in tasks:
-            if task.kind == "prepare":
+            if task.kind == "sources":
                 row, gpu, held = per_kind["prepare"], prepare["gpu_compute"], prepare["held"]
                 jobs_single.append((f"{name}:{task.key}", "prepare", held, None))
                 jobs_many.append((f"{name}:{task.key}", "prepare", held, None))
@@ -422,7 +429,7 @@ def study(registry: Registry, benchmarks: tuple[str, ...], seeds: int) -> dict[s
     critical = {1: max(r["critical_path_seconds"] for r in runs),
                 **{g: max(r["critical_path_seconds_on_many_gpus"] for r in runs) for g in GPUS if g > 1}}
     out["totals"] = {
-        "tasks_per_kind": {k: sum(r["tasks_per_kind"].get(k, 0) for r in runs) for k in ("prepare", "detector")},
+        "tasks_per_kind": {k: sum(r["tasks_per_kind"].get(k, 0) for r in runs) for k in ("sources", "detector")},
         "gpu_hours_per_kind": {k: sum(r["per_kind"][k]["gpu_hours"] for r in runs) for k in
                                next(iter(runs))["per_kind"]},
         "held_hours_per_kind": {k: sum(r["per_kind"][k]["held_hours"] for r in runs) for k in
@@ -467,7 +474,7 @@ def markdown(report: dict[str, Any]) -> str:
              "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for name, r in runs.items():
         detectors_h = sum(c["held_seconds"] for c in r["detector_seconds_per_seed"].values()) / 3600
-        lines.append(f"| {name} | {r['model']} | {r['tasks_per_kind']['prepare']} | {r['tasks_per_kind']['detector']} "
+        lines.append(f"| {name} | {r['model']} | {r['tasks_per_kind']['sources']} | {r['tasks_per_kind']['detector']} "
                      f"| {r['prepare_seconds']['held'] / 3600:.2f} | {detectors_h:.2f} | {r['longest_detector']} "
                      f"({r['detector_seconds_per_seed'][r['longest_detector']]['held_seconds'] / 60:.0f} min) "
                      f"| {r['critical_path_seconds'] / 3600:.2f} | {sum(r['store_bytes_per_seed'].values()) / GB:.1f} "

@@ -1,31 +1,40 @@
 """A run planned before anything is loaded: benchmark + detectors + seeds -> tasks with keys and dependencies.
 
-Per seed one ``prepare`` task (classifier, shared outputs, attacks, sources) and, after it,
-one ``detector`` task per detector; the driver collects their results in plan order, so the
-rows come out the same whatever ran them, in whichever order. A task's key is a hash of the
-job's configuration and the task's own part of it, readable in logs and stable across runs.
-Resources say what a task needs of a worker: every task of a run on a GPU asks for one (the
-detector tasks fit on the run's device too), so Dask places them on GPU workers.
+Per seed, with a store::
+
+    classifier ─┬─► extract train, val, test, ood:<name> ─┐
+                └─► attack <plugin> <eps> (+ its outputs) ─┴─► sources ─┬─► fit <detector> ─► evaluate <detector> <source>
+                                                                        └─► detector <detector>  (fit cannot be stored)
+
+Without a store (``--no-cache``) tasks could hand nothing over: per seed one ``sources`` task
+prepares everything and one ``detector`` task per detector fits and evaluates it. The driver
+collects results in plan order, so the rows come out the same whatever ran them, in
+whichever order.
+
+A task's key hashes what decides its outputs, known before any data is read: the benchmark
+file (its sha256 covers every option), the plugins' versions, the datasets' and the model's
+fingerprints (the sha256 of the files they read), the numerics options, the seed and the
+task's own part (detector, options, source). Resources say what a task needs of a worker:
+every task of a run on a GPU asks for one, so Dask places them on GPU workers.
 """
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 from .cache import Cache, make_key
-from .plugins import resolve_options
-from .tasks import Job, detector_seed, prepare_seed
+from .plugins import instantiate, resolve_options
+from .tasks import Job, attack_seed, classifier_seed, detector_seed, evaluate_seed, extract_seed, fit_seed, prepare_seed
 
 
 @dataclass(frozen=True)
 class Task:
-    kind: str  # prepare | detector
+    kind: str  # classifier | extract | attack | sources | fit | evaluate | detector
     key: str
-    label: str  # for people: "prepare seed 0", "gmm seed 0"
+    label: str  # for people: "extract ood:gaussian seed 0", "gmm on mistakes seed 0"
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     #: keys of the tasks whose results are appended to ``args`` when this one runs
@@ -33,6 +42,7 @@ class Task:
     resources: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     detector: str | None = None
+    source: str | None = None
 
 
 def make_plan(job: Job) -> list[Task]:
@@ -40,27 +50,86 @@ def make_plan(job: Job) -> list[Task]:
     opts, registry = job.options, job.registry
     resources = {"GPU": 1.0} if opts.device.type == "cuda" else {}
     bench = opts.benchmark
-    # What the shared outputs depend on, known before any data is read: the benchmark file (its sha256 covers
-    # every option), the plugins' versions, the options that change numerics, and whether layers ride along.
+    fine = opts.cache_dir is not None
     used = {("datasets", bench.in_distribution.plugin), ("models", bench.model.plugin),
             *(("datasets", ref.dataset) for ref in bench.ood), *(("attacks", ref.plugin) for ref in bench.attacks)}
     versions = {f"{kind}:{name}": registry.get(kind, name).version for kind, name in sorted(used)}
     layers = any("layers" in registry.get("detectors", s.name).target.needs for s in opts.detectors)
-    shared = make_key("prepare", benchmark=bench.sha256, versions=versions, data=str(Path(opts.data_dir).absolute()),
-                      device=opts.device.type, batch=opts.batch_size, bf16=opts.bf16,
-                      channels_last=opts.channels_last, layers=layers)
-    tasks = []
+    data = make_key("data", in_distribution=dataset_fingerprint(job, bench.in_distribution.plugin,
+                                                                 bench.in_distribution.options),
+                    ood={ref.name: dataset_fingerprint(job, ref.dataset, ref.options) for ref in bench.ood},
+                    model=model_fingerprint(job))
+    shared = make_key("prepare", benchmark=bench.sha256, versions=versions, data=data, device=opts.device.type,
+                      batch=opts.batch_size, bf16=opts.bf16, channels_last=opts.channels_last, layers=layers)
+    names = source_names(bench)
+    tasks: list[Task] = []
+
+    def add(kind: str, part: dict[str, Any], label: str, fn: Callable[..., Any], args: tuple[Any, ...],
+            deps: tuple[str, ...], seed: int, tag: str, **extra: Any) -> Task:
+        key = f"{make_key(kind, shared=shared, seed=seed, **part)}-{_safe(tag)}-seed{seed}"
+        tasks.append(Task(kind, key, label, fn, args, deps, resources, seed, **extra))
+        return tasks[-1]
+
     for seed in opts.seeds:
-        prepare = Task("prepare", f"{make_key('prepare', shared=shared, seed=seed)}-seed{seed}",
-                       f"prepare seed {seed}", prepare_seed, (job, seed), (), resources, seed)
-        tasks.append(prepare)
+        warm: tuple[str, ...] = ()
+        if fine:
+            model = add("classifier", {}, f"classifier seed {seed}", classifier_seed, (job, seed), (), seed,
+                        "classifier")
+            warm = tuple(add("extract", {"set": name}, f"extract {name} seed {seed}", extract_seed,
+                             (job, seed, name), (model.key,), seed, f"extract-{name}").key
+                         for name in ("train", "val", "test", *(f"ood:{r.name}" for r in bench.ood)))
+            warm += tuple(add("attack", {"attack": i, "eps": eps}, f"attack {ref.plugin} eps={eps:g} seed {seed}",
+                              attack_seed, (job, seed, i, eps), (model.key,), seed, f"attack-{ref.plugin}-{eps:g}").key
+                          for i, ref in enumerate(bench.attacks) for eps in ref.eps)
+        sources = add("sources", {}, f"sources seed {seed}", prepare_seed, (job, seed), warm, seed, "sources")
         for spec in opts.detectors:
             entry = registry.get("detectors", spec.name)
-            key = make_key("detector", prepare=prepare.key, name=spec.name, version=entry.version,
-                           options=resolve_options(entry, spec.options, seed=seed))
-            tasks.append(Task("detector", f"{key}-{_safe(spec.label)}-seed{seed}", f"{spec.label} seed {seed}",
-                              detector_seed, (job, seed, spec), (prepare.key,), resources, seed, spec.label))
+            part = {"name": spec.name, "version": entry.version,
+                    "options": resolve_options(entry, spec.options, seed=seed)}
+            if not (fine and entry.target.stores_state()):
+                add("detector", part, f"{spec.label} seed {seed}", detector_seed, (job, seed, spec), (sources.key,),
+                    seed, spec.label, detector=spec.label)
+                continue
+            fit = add("fit", part, f"fit {spec.label} seed {seed}", fit_seed, (job, seed, spec), (sources.key,), seed,
+                      f"fit-{spec.label}", detector=spec.label)
+            for i, name in enumerate(names):
+                add("evaluate", {**part, "source": name}, f"{spec.label} on {name} seed {seed}", evaluate_seed,
+                    (job, seed, spec, name, i == 0), (fit.key,), seed, f"{spec.label}-{name}", detector=spec.label,
+                    source=name)
     return tasks
+
+
+def source_names(bench) -> list[str]:
+    """The failure sources' names in the order the ``sources`` task makes them (runner.SeedWork.sources)."""
+    names = ["mistakes"] if bench.mistakes else []
+    names += [f"ood:{ref.name}" for ref in bench.ood]
+    names += [f"adv:{ref.plugin}:{eps:g}:{which}" for ref in bench.attacks for eps in ref.eps
+              for which in ("flipped", "all")]
+    return names
+
+
+def dataset_fingerprint(job: Job, plugin: str, options: dict[str, Any]) -> str:
+    """The dataset plugin's version, resolved options and ``fingerprint`` (the sha256 of its files, or ''
+    for images generated from the options and the seed), without loading any image."""
+    entry = job.registry.get("datasets", plugin)
+    try:
+        files = instantiate(entry, options).fingerprint(job.options.data_dir)
+    except Exception as exc:  # noqa: BLE001 - unreadable data fails its own load later, with the plugin's message
+        files = f"unreadable: {type(exc).__name__}: {exc}"
+    return make_key("dataset", plugin=plugin, version=entry.version, options=resolve_options(entry, options),
+                    files=files)
+
+
+def model_fingerprint(job: Job) -> str:
+    """The model plugin's ``fingerprint`` (its checkpoint's sha256; '' for one trained from its options)."""
+    ref = job.options.benchmark.model
+    entry = job.registry.get("models", ref.plugin)
+    try:
+        model = entry.target(**resolve_options(entry, ref.options))
+        model.data_dir = job.options.data_dir
+        return model.fingerprint()
+    except Exception as exc:  # noqa: BLE001 - a missing checkpoint fails the classifier task, with its message
+        return f"unreadable: {type(exc).__name__}: {exc}"
 
 
 def in_store(tasks: list[Task], cache: Cache) -> list[bool]:

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 
 from . import __version__
-from .api import (UNLABELED, ClassifierHandle, DatasetContext, Detector, FitContext, Holdout, ImageSet, PluginError,
-                  SplitView)
+from .api import UNLABELED, DatasetContext, Detector, FitContext, Holdout, ImageSet, PluginError, SplitView
 from .benchmark import Benchmark
 from .cache import Cache, make_key
+from .classifier import ClassifierHandle
 from .labels import keep_labels_per_class
 from .leaderboard import SCHEMA_VERSION
-from .metrics import compute_all
+from .metrics import compute_all, row_entropy
 from .plugins import Entry, Registry, instantiate, resolve_options
 from .progress import Progress
 from .provenance import environment
@@ -141,6 +141,8 @@ class SeedWork:
         # Intermediate layers are extracted with the rest when any detector of the run reads them.
         self.need_layers = any("layers" in registry.get("detectors", spec.name).target.needs for spec in opts.detectors)
         self._prepared: Prepared | None = None
+        self._classifier: tuple[ClassifierHandle, str, Entry, dict[str, Any]] | None = None
+        self._ood_sets: dict[str, ImageSet] = {}
 
     # -- data ------------------------------------------------------------------------
     def _dataset(self, ref_name: str, options: dict[str, Any]):
@@ -163,6 +165,11 @@ class SeedWork:
         return self._id_sets[split]
 
     def ood_set(self, name: str, dataset_name: str, options: dict[str, Any]) -> ImageSet:
+        if name not in self._ood_sets:
+            self._ood_sets[name] = self._load_ood_set(dataset_name, options)
+        return self._ood_sets[name]
+
+    def _load_ood_set(self, dataset_name: str, options: dict[str, Any]) -> ImageSet:
         _, dataset = self._dataset(dataset_name, options)
         test = self.id_split("test")
         ctx = DatasetContext(split="test", seed=self.seed, data_dir=self.opts.data_dir,
@@ -175,6 +182,12 @@ class SeedWork:
 
     # -- classifier ------------------------------------------------------------------
     def classifier(self) -> tuple[ClassifierHandle, str, Entry, dict[str, Any]]:
+        """The seed's classifier (trained, or loaded from the store), its key, plugin entry and options."""
+        if self._classifier is None:
+            self._classifier = self._load_classifier()
+        return self._classifier
+
+    def _load_classifier(self) -> tuple[ClassifierHandle, str, Entry, dict[str, Any]]:
         ref = self.bench.model
         entry = self.registry.get("models", ref.plugin)
         options = resolve_options(entry, ref.options)
@@ -292,8 +305,8 @@ class SeedWork:
             view = self.outputs(handle, model_key, images, f"ood:{ref.name}")
             sources.append(Source(f"ood:{ref.name}", "ood", f"{ref.dataset} images", everything,
                                   Part(view, np.arange(len(view)))))
-        subset = np.arange(min(self.bench.attack_subset or len(test_set), len(test_set)))
-        clean_set = test_set.subset(subset)
+        subset = self._attack_subset()
+        clean_set = self.clean_attack_set()
         clean = everything.take(subset)
         for ref in self.bench.attacks:
             for eps in ref.eps:
@@ -315,6 +328,14 @@ class SeedWork:
                 self._carve_holdout(source)
         return test, sources
 
+    def _attack_subset(self) -> np.ndarray:
+        test_set = self.id_split("test")
+        return np.arange(min(self.bench.attack_subset or len(test_set), len(test_set)))
+
+    def clean_attack_set(self) -> ImageSet:
+        """The clean test images the attacks perturb (the first ``attack_subset`` of the test split)."""
+        return self.id_split("test").subset(self._attack_subset())
+
     def _carve_holdout(self, source: Source) -> None:
         """Move a seeded random part of each side into a holdout that no row evaluates on."""
         rng = np.random.default_rng([self.seed, *source.name.encode()])
@@ -326,7 +347,10 @@ class SeedWork:
         (source.holdout_positives, source.positives), (source.holdout_negatives, source.negatives) = split
 
     # -- detectors ---------------------------------------------------------------------
-    def detector_rows(self, spec: DetectorSpec) -> tuple[list[dict], list[dict]]:
+    def _fitting(self, spec: DetectorSpec, fit_report: dict[str, Any] | None = None) -> "_Fitting":
+        """How ``spec`` is fitted on this seed: ``fitted()`` builds (or loads) the detector once.
+
+        ``fit_report``: what an earlier ``fit`` task saw; a fit that failed there is not tried again."""
         prepared = self.prepare()
         handle, model_key, train, train_labelled, val, sources = (prepared.handle, prepared.model_key, prepared.train,
                                                                   prepared.train_labelled, prepared.val, prepared.sources)
@@ -336,9 +360,12 @@ class SeedWork:
                            model=model_key, train=train.key, val=val.key, seed=self.seed)
         cls = entry.target
         needs = frozenset(cls.needs) | {"logits"}
-        base = detector_fields(self.registry, spec, self.seed)
         # fit_traceback: the constructor's or fit's, recorded once (on the first row it fails) for run.json
         state: dict[str, Any] = {"detector": None, "fit_error": None, "fit_seconds": 0.0, "fit_traceback": None}
+        if fit_report is not None:
+            state["fit_seconds"] = fit_report["seconds"]
+            if fit_report["error"]:
+                state["fit_error"], state["fit_traceback"] = _FitFailed(fit_report["error"]), fit_report["traceback"]
 
         def fitted() -> Detector:
             """The fitted detector. One that stores its state (``Detector.stores_state``) is fitted once per key
@@ -393,6 +420,33 @@ class SeedWork:
                 state["detector"] = detector
             return state["detector"]
 
+        return _Fitting(fitted, state, det_key, needs, cls)
+
+    def fit_detector(self, spec: DetectorSpec) -> dict[str, Any]:
+        """Fit ``spec`` (storing its state) or load its stored fit: what the ``fit`` task reports to the
+        detector's ``evaluate`` tasks: seconds, the error and traceback if it failed, the detector's metadata."""
+        fitting = self._fitting(spec)
+        try:
+            detector = fitting.fitted()
+        except PLUGIN_FAILURES as exc:
+            return {"seconds": fitting.state["fit_seconds"], "error": _describe(exc),
+                    "traceback": fitting.state["fit_traceback"], "metadata": None}
+        return {"seconds": fitting.state["fit_seconds"], "error": "", "traceback": None,
+                "metadata": _metadata(detector)}
+
+    def detector_rows(self, spec: DetectorSpec, only: str | None = None,
+                      fit_report: dict[str, Any] | None = None) -> tuple[list[dict], list[dict]]:
+        """One row per failure source (``only``: for that source alone) and the timings of each."""
+        prepared = self.prepare()
+        handle, sources = prepared.handle, prepared.sources
+        if only is not None:
+            sources = [s for s in sources if s.name == only]
+            if not sources:
+                raise PluginError(f"the plan names a source '{only}' this seed does not have")
+        fitting = self._fitting(spec, fit_report)
+        fitted, state, det_key, needs, cls = fitting.fitted, fitting.state, fitting.det_key, fitting.needs, fitting.cls
+        base = detector_fields(self.registry, spec, self.seed)
+
         def scores_of(view: SplitView, tag: str, extra_key: str = "") -> np.ndarray:
             key = make_key("scores", detector=det_key, view=view.key, extra=extra_key)
 
@@ -424,7 +478,9 @@ class SeedWork:
                 else:
                     pos = scores_of(source.positives.parent, source.name)[source.positives.index]
                     neg = scores_of(source.negatives.parent, source.name)[source.negatives.index]
-                row.update(compute_all(pos, neg), status="ok", error="")
+                row.update(compute_all(pos, neg, mistakes=source.kind == "mistakes",
+                                       entropy=row_entropy(self.seed, spec.label, source.name)),
+                           status="ok", error="")
                 if not (len(pos) and len(neg)):
                     row.update(status="error", error=f"no {'positives' if not len(pos) else 'negatives'} to evaluate")
                 else:
@@ -445,11 +501,8 @@ class SeedWork:
         common = self.common_fields()
         for row in rows:
             row.update(common)
-        if state["detector"] is not None:
-            try:
-                self.detector_metadata[spec.label] = _jsonable(state["detector"].metadata())
-            except PLUGIN_FAILURES as exc:
-                self.detector_metadata[spec.label] = {"error": _describe(exc)}
+        if state["detector"] is not None and fit_report is None:
+            self.detector_metadata[spec.label] = _metadata(state["detector"])
         return rows, timings
 
     def _tuned_scores(self, fitted: Callable[[], Detector], det_key: str, source: Source,
@@ -506,6 +559,24 @@ class SeedWork:
         return {"schema_version": SCHEMA_VERSION, "benchmark": self.bench.name,
                 "benchmark_sha256": self.bench.sha256[:16], "model": self.bench.model.plugin, "seed": self.seed,
                 "model_weights": self.model_weights, "device": self.opts.device.type, "oodbench_version": __version__}
+
+
+@dataclass
+class _Fitting:
+    """A detector being fitted on one seed: ``fitted()`` and what it records in ``state``."""
+
+    fitted: Callable[[], Detector]
+    state: dict[str, Any]
+    det_key: str
+    needs: frozenset[str]
+    cls: type
+
+
+def _metadata(detector: Detector) -> Any:
+    try:
+        return _jsonable(detector.metadata())
+    except PLUGIN_FAILURES as exc:
+        return {"error": _describe(exc)}
 
 
 @dataclass
@@ -643,18 +714,29 @@ def run_benchmark(opts: RunOptions, registry: Registry) -> RunResult:
     cache = {"hits": 0, "misses": 0, "quarantined": []}
     store = Cache(opts.cache_dir)
     task_records = []
+    seeds: dict[int, dict[str, Any]] = {}
+    prepared = None
     for task in tasks:
         outcome = outcomes.get(task.key)
-        if task.kind == "prepare":
-            if not isinstance(outcome, TaskResult):
-                raise PluginError(f"seed {task.seed}: the classifier, its outputs or the failure sources could not be "
-                                  f"made: {outcome if outcome is not None else 'the task did not run'}")
-            prepared, seed_meta = outcome, {**outcome.meta, "passes": {}, "detectors": {}, "throughput": {}}
+        if task.seed not in seeds:
+            seeds[task.seed] = seed_meta = {"passes": {}, "detectors": {}, "throughput": {}}
             per_seed.append(seed_meta)
+        if task.kind == "sources":
+            if not isinstance(outcome, TaskResult):
+                failed = [outcomes[t.key] for t in tasks if t.seed == task.seed and isinstance(outcomes.get(t.key), TaskFailed)]
+                reason = outcome or (failed[0] if failed else None) or "the task did not run"
+                raise PluginError(f"seed {task.seed}: the classifier, its outputs or the failure sources could not be "
+                                  f"made: {reason}")
+            prepared = outcome
+            merged = {**outcome.meta, **seed_meta}  # the seed's facts first, then what its tasks add up
+            seed_meta.clear()
+            seed_meta.update(merged)
+        if outcome is None and task.kind == "evaluate":  # its fit's worker died or hung: say so on the row
+            outcome = outcomes.get(task.deps[0])
         if isinstance(outcome, TaskFailed):
             outcome = TaskResult(rows=_failed_task_rows(registry, task, prepared, str(outcome)),
                                  meta={"detector_metadata": {task.detector: {"error": str(outcome)}}})
-        elif outcome is None:
+        elif outcome is None or (task.kind == "evaluate" and not outcome.rows):
             continue
         rows += outcome.rows
         timings += outcome.timings
@@ -665,7 +747,8 @@ def run_benchmark(opts: RunOptions, registry: Registry) -> RunResult:
         for name in ("hits", "misses"):
             cache[name] += outcome.cache.get(name, 0)
         cache["quarantined"] += outcome.cache.get("quarantined", [])
-        task_records.append({"kind": task.kind, "label": task.label, "seconds": outcome.seconds,
+        task_records.append({"kind": task.kind, "label": task.label, "detector": task.detector, "source": task.source,
+                             "seconds": outcome.seconds,
                              "worker": outcome.worker, "status": "ok" if outcome.worker else "failed"})
         if outcome.worker and opts.cache_dir is not None:
             record_finished(task, store, outcome.seconds)
@@ -691,11 +774,14 @@ def run_benchmark(opts: RunOptions, registry: Registry) -> RunResult:
 
 def _failed_task_rows(registry: Registry, task, prepared, reason: str) -> list[dict[str, Any]]:
     """A detector task that did not finish (its worker died, hung or raised): one error row per source."""
+    if task.kind not in ("detector", "evaluate"):
+        return []
     spec = task.args[2]
     empty = compute_all(np.empty(0), np.empty(0))
     return [{**detector_fields(registry, spec, task.seed), "source": name, "source_kind": kind, "negatives": negatives,
              "n_holdout": 0, "tuned_params": "", **empty, "status": "error", "error": f"task failed: {reason}",
-             **prepared.common} for name, kind, negatives in prepared.sources]
+             **prepared.common} for name, kind, negatives in prepared.sources
+            if task.kind == "detector" or name == task.source]
 
 
 def _add_passes(total: dict[str, dict[str, int]], passes: dict[str, dict[str, int]]) -> None:

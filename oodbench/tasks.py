@@ -1,11 +1,19 @@
 """The tasks of a run: top-level functions of picklable arguments, so any executor can run them.
 
-A run is, per seed, one ``prepare`` task (train or load the classifier, extract the outputs
-every detector shares, run the attacks, carve the failure sources) and one ``detector`` task
-per detector (fit, tune, score every source, compute the metrics). Each task rebuilds what
-it needs from the job (the registry, the benchmark, the options) and reads what an earlier
-task computed from the store, so it can run in this process, in a worker process or on
-another machine with the same packages installed.
+Per seed, with a store: ``classifier`` (train or load it), ``extract`` (the outputs every
+detector shares, one task per image set), ``attack`` (one per attack and eps: the adversarial
+images and their outputs), ``sources`` (read all of that back, carve the failure sources),
+then per detector either ``fit`` (fit once, store the fitted state) and one ``evaluate`` per
+failure source (load the fit, tune on the source's holdout, score, metrics: one row), or,
+for a detector that cannot store its fit, one ``detector`` task doing all of it. Without a
+store (``--no-cache``) nothing could be handed over, so a seed is one ``sources`` task
+preparing everything and one ``detector`` task per detector.
+
+Each task rebuilds what it needs from the job (the registry, the benchmark, the options) and
+reads what an earlier task computed from the store, so it can run in this process, in a
+worker process or on another machine with the same packages installed. A task that warms
+the store (``extract``, ``attack``) and meets a plugin's error reports it and returns: the
+``sources`` task then records the failed source, and only its rows say so.
 
 Within one process the prepared seed is kept (the last one only, to bound memory), so the
 detector tasks that follow their seed's ``prepare`` on the same worker read nothing twice.
@@ -25,7 +33,8 @@ import numpy as np
 from .cache import Cache, make_key
 from .plugins import Registry
 from .progress import Progress
-from .runner import DetectorSpec, RunOptions, SeedWork
+from .runner import PLUGIN_FAILURES, DetectorSpec, RunOptions, SeedWork
+from .runner import _describe as describe
 
 
 @dataclass(frozen=True)
@@ -110,8 +119,52 @@ def _fresh_counters(work: SeedWork) -> None:
         work.prepared.handle.reset_counters()
 
 
-def prepare_seed(job: Job, seed: int) -> TaskResult:
-    """Task ``prepare``: classifier, shared outputs, attacks and sources of one seed, into the store."""
+def classifier_seed(job: Job, seed: int) -> TaskResult:
+    """Task ``classifier``: train the seed's classifier (or load its weights) into the store."""
+    work = _seed_work(job, seed)
+    accounting = _Accounting(work)
+    handle = work.classifier()[0]
+    handle.reset_counters()
+    return accounting.result(TaskResult(), handle)
+
+
+def extract_seed(job: Job, seed: int, image_set: str, *_dependencies: Any) -> TaskResult:
+    """Task ``extract``: the shared outputs of one image set (``train``, ``val``, ``test`` or ``ood:<name>``)."""
+    work = _seed_work(job, seed)
+    handle, model_key = work.classifier()[:2]
+    handle.reset_counters()
+    accounting = _Accounting(work)
+    try:
+        if image_set.startswith("ood:"):
+            ref = next(r for r in work.bench.ood if f"ood:{r.name}" == image_set)
+            work.outputs(handle, model_key, work.ood_set(ref.name, ref.dataset, ref.options), image_set)
+        else:
+            images = work.id_split(image_set)
+            work.outputs(handle, model_key, images, image_set, images.y if image_set != "test" else None)
+    except PLUGIN_FAILURES as exc:  # the sources task meets it again and turns it into the source's error rows
+        return accounting.result(TaskResult(meta={"error": describe(exc)}), handle)
+    return accounting.result(TaskResult(), handle)
+
+
+def attack_seed(job: Job, seed: int, attack: int, eps: float, *_dependencies: Any) -> TaskResult:
+    """Task ``attack``: the benchmark's ``attack``-th attack at ``eps`` on the clean test images, and the
+    outputs of the adversarial images."""
+    work = _seed_work(job, seed)
+    handle, model_key = work.classifier()[:2]
+    handle.reset_counters()
+    accounting = _Accounting(work)
+    ref = work.bench.attacks[attack]
+    try:
+        adversarial = work.adversarial(handle, model_key, work.clean_attack_set(), ref.plugin, ref.options, eps)
+        work.outputs(handle, model_key, adversarial, f"adv:{ref.plugin}:{eps:g}")
+    except PLUGIN_FAILURES as exc:
+        return accounting.result(TaskResult(meta={"error": describe(exc)}), handle)
+    return accounting.result(TaskResult(), handle)
+
+
+def prepare_seed(job: Job, seed: int, *_dependencies: Any) -> TaskResult:
+    """Task ``sources``: classifier, shared outputs, attacks (from the store, where earlier tasks put them)
+    and the failure sources of one seed."""
     work = _seed_work(job, seed)
     _fresh_counters(work)
     accounting = _Accounting(work)
@@ -129,15 +182,42 @@ def prepare_seed(job: Job, seed: int) -> TaskResult:
 def detector_seed(job: Job, seed: int, spec: DetectorSpec, prepared: TaskResult | None = None) -> TaskResult:
     """Task ``detector``: fit one detector, score every source of one seed, one row per source.
 
-    ``prepared`` (the seed's prepare result) is not read: it makes the order explicit to executors.
+    ``prepared`` (the seed's sources result) is not read: it makes the order explicit to executors.
     """
+    return _rows(job, seed, spec)
+
+
+def fit_seed(job: Job, seed: int, spec: DetectorSpec, prepared: TaskResult | None = None) -> TaskResult:
+    """Task ``fit``: fit one detector on one seed and store its fitted state (or find it stored)."""
+    work = _seed_work(job, seed)
+    work.prepare()  # read back from the store when another worker prepared this seed
+    _fresh_counters(work)
+    accounting = _Accounting(work)
+    report = work.fit_detector(spec)
+    meta = {"fit": report, "detector_metadata": {spec.label: report["metadata"] if not report["error"]
+                                                 else {"error": report["error"]}}}
+    return accounting.result(TaskResult(meta=meta), work.prepare().handle)
+
+
+def evaluate_seed(job: Job, seed: int, spec: DetectorSpec, source: str, first: bool, fit: TaskResult) -> TaskResult:
+    """Task ``evaluate``: one (detector, source, seed) row from the stored fit: tune on the source's holdout
+    if the detector tunes, score, metrics. ``first``: the detector's first source, whose row carries the
+    traceback of a failed fit (once per detector and seed, as a ``detector`` task reports it)."""
+    report = dict(fit.meta["fit"])
+    if not first:
+        report["traceback"] = None
+    return _rows(job, seed, spec, source, report)
+
+
+def _rows(job: Job, seed: int, spec: DetectorSpec, source: str | None = None,
+          fit_report: dict[str, Any] | None = None) -> TaskResult:
     work = _seed_work(job, seed)
     work.prepare()  # read back from the store when another worker prepared this seed
     _fresh_counters(work)
     accounting = _Accounting(work)
     work.scores.clear()
     work.detector_metadata.clear()
-    rows, timings = work.detector_rows(spec)
+    rows, timings = work.detector_rows(spec, source, fit_report)
     result = TaskResult(rows=rows, timings=timings, scores=dict(work.scores),
                         meta={"detector_metadata": dict(work.detector_metadata)})
     return accounting.result(result, work.prepare().handle)

@@ -75,13 +75,16 @@ class DiesOnce(_MaxLogit):
 
 
 class Backwards(Executor):
-    """A third-party executor: runs the independent tasks last-first (collecting in plan order is the driver's)."""
+    """A third-party executor: always runs the LAST task whose dependencies are done (collecting in plan order is
+    the driver's), so independent tasks run in reverse plan order."""
 
     name = "backwards"
 
     def run(self, tasks, done):
-        results = {}
-        for task in [t for t in tasks if not t.deps] + [t for t in reversed(tasks) if t.deps]:
+        results, waiting = {}, list(tasks)
+        while waiting:
+            task = next(t for t in reversed(waiting) if all(d in results for d in t.deps))
+            waiting.remove(task)
             results[task.key] = task.fn(*task.args, *(results[d] for d in task.deps))
             done(task, results[task.key])
 
@@ -123,7 +126,10 @@ def test_a_plugin_that_kills_crashes_interrupts_or_hangs_its_worker_costs_only_i
     mine = frame.loc[["msp"]].reset_index()
     assert csv_text(mine[clean_msp.columns]) == csv_text(clean_msp), "the rest of the run equals a clean run"
     per_task = result.meta["executor"]["per_task"]
-    assert [t["status"] for t in per_task] == ["ok", "failed", "ok", "failed", "failed", "failed"]
+    # The misbehaving detectors store no fit: one detector task each, all four failed; every other task ran.
+    assert [(t["detector"], t["status"]) for t in per_task if t["kind"] == "detector"] == \
+        [("quitter", "failed"), ("crasher", "failed"), ("interrupter", "failed"), ("sleeper", "failed")]
+    assert all(t["status"] == "ok" for t in per_task if t["kind"] != "detector")
 
 
 def test_local_inline_and_dask_give_byte_identical_results(registry, shared_cache, clean_msp):
@@ -141,7 +147,8 @@ def test_a_plugin_executor_that_runs_tasks_in_another_order_gives_the_same_rows(
     inline = run_benchmark(_options(misbehaving, "msp,gmm", shared_cache, executor="inline"), misbehaving)
     backwards = run_benchmark(_options(misbehaving, "msp,gmm", shared_cache, executor="backwards"), misbehaving)
     assert csv_text(results_frame(backwards.rows)) == csv_text(results_frame(inline.rows))
-    assert [t["label"] for t in backwards.meta["executor"]["per_task"]] == ["prepare seed 0", "msp seed 0", "gmm seed 0"]
+    labels = [t["label"] for t in backwards.meta["executor"]["per_task"]]
+    assert labels[:2] == ["classifier seed 0", "extract train seed 0"] and labels[-1] == "gmm on adv:bim:0.2:all seed 0"
 
 
 def test_dask_reruns_a_task_whose_worker_died(registry, misbehaving, shared_cache, tmp_path):
@@ -162,15 +169,30 @@ def test_the_plan_is_made_before_any_data_is_loaded(misbehaving, tmp_path, monke
     def no_loading(*args, **kwargs):
         raise AssertionError("the plan loaded data")
 
-    monkeypatch.setattr(runner.SeedWork, "id_split", no_loading)
-    monkeypatch.setattr(runner.SeedWork, "classifier", no_loading)
-    tasks = make_plan(Job(_options(misbehaving, "msp,gmm,quitter", tmp_path, seeds=[0, 1, 2]), misbehaving))
-    assert summary(tasks) == {"prepare": 3, "detector": 9}
+    for method in ("id_split", "classifier", "_load_ood_set", "adversarial", "outputs"):
+        monkeypatch.setattr(runner.SeedWork, method, no_loading)
+    options = _options(misbehaving, "msp,gmm,quitter", tmp_path, seeds=[0, 1, 2])
+    tasks = make_plan(Job(options, misbehaving))
+    bench = options.benchmark
+    sources = ["mistakes", *(f"ood:{r.name}" for r in bench.ood),
+               *(f"adv:{a.plugin}:{e:g}:{w}" for a in bench.attacks for e in a.eps for w in ("flipped", "all"))]
+    assert len(sources) == 18
+    # Per seed: the classifier; train, val, test and each OOD set extracted; each (attack, eps); the sources;
+    # msp and gmm store their fits (fit, then one evaluate per source); quitter stores none (one detector task).
+    assert summary(tasks) == {"classifier": 3, "extract": 3 * (3 + len(bench.ood)), "attack": 3 * 6, "sources": 3,
+                              "fit": 3 * 2, "evaluate": 3 * 2 * len(sources), "detector": 3}
+    assert [t.source for t in tasks if t.kind == "evaluate" and t.seed == 1 and t.detector == "gmm"] == sources
     by_key = {t.key: t for t in tasks}
     assert len(by_key) == len(tasks), "task keys are unique"
-    for i, task in enumerate(tasks):  # every dependency comes first, and is its own seed's prepare task
-        assert all(tasks.index(by_key[d]) < i and by_key[d].kind == "prepare" and by_key[d].seed == task.seed
-                   for d in task.deps)
+    parents = {"classifier": set(), "extract": {"classifier"}, "attack": {"classifier"},
+               "sources": {"extract", "attack"}, "fit": {"sources"}, "detector": {"sources"}, "evaluate": {"fit"}}
+    for i, task in enumerate(tasks):  # every dependency comes first and is of its own seed, of the kinds drawn
+        assert all(tasks.index(by_key[d]) < i and by_key[d].seed == task.seed for d in task.deps)
+        assert {by_key[d].kind for d in task.deps} == parents[task.kind], task.label
+    fit = {t.detector: t.key for t in tasks if t.kind == "fit" and t.seed == 0}
+    assert all(t.deps == (fit[t.detector],) for t in tasks if t.kind == "evaluate" and t.seed == 0)
+    without_store = make_plan(Job(_options(misbehaving, "msp,gmm,quitter", None, seeds=[0]), misbehaving))
+    assert summary(without_store) == {"sources": 1, "detector": 3}, "no store: nothing to hand over, coarse tasks"
     again = make_plan(Job(_options(misbehaving, "msp,gmm,quitter", tmp_path, seeds=[0, 1, 2]), misbehaving))
     assert [t.key for t in again] == [t.key for t in tasks], "keys are stable across plans"
 
@@ -220,8 +242,43 @@ def test_plan_prints_tasks_per_kind_and_what_the_store_has(registry, shared_cach
     printed = run_cli("run", "-d", "msp,gmm", "--seeds", "3", "--plan", "--cache-dir", str(shared_cache))
     assert printed.returncode == 0, printed.stderr
     table = {line.split()[0]: line.split()[1:3] for line in printed.stdout.splitlines()
-             if line.startswith(("prepare ", "detector "))}
-    # At least seed 0's prepare and msp tasks are in the store (other tests of the session may have run more).
-    assert table["prepare"][0] == "3" and table["detector"][0] == "6"
-    assert 1 <= int(table["prepare"][1]) <= 3 and 1 <= int(table["detector"][1]) <= 6
-    assert "-> 9 tasks" in printed.stdout
+             if line.startswith(("classifier ", "sources ", "fit ", "evaluate "))}
+    # At least seed 0's tasks and msp's are in the store (other tests of the session may have run more).
+    assert table["classifier"][0] == "3" and table["sources"][0] == "3" and table["fit"][0] == "6"
+    assert table["evaluate"][0] == str(6 * 18)
+    assert 1 <= int(table["classifier"][1]) <= 3 and 1 <= int(table["sources"][1]) <= 3
+    assert 1 <= int(table["fit"][1]) <= 6 and 18 <= int(table["evaluate"][1]) <= 6 * 18
+    assert f"-> {3 * (1 + 8 + 6 + 1 + 2 + 2 * 18)} tasks" in printed.stdout
+
+
+def test_plan_keys_follow_the_datas_content_not_its_folder(registry, tmp_path):
+    """Datasets are fingerprinted by the sha256 of the files they read, before loading: the same files in
+    another folder plan the same keys (a task finished there counts here), changed files plan new ones."""
+    import shutil
+    from dataclasses import replace
+
+    from oodbench.plan import dataset_fingerprint
+
+    base = _options(registry, "msp,gmm", tmp_path / "store")
+    npz = {"train": "train.npz", "test": "test.npz", "val_from_train": 5, "num_classes": 2}
+    bench = replace(base.benchmark, in_distribution=replace(base.benchmark.in_distribution, plugin="npz", options=npz))
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("train.npz", "test.npz"):
+        np.savez(first / name, x=rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8), y=np.arange(20) % 2)
+    shutil.copytree(first, second)
+
+    def keys(folder):
+        return [t.key for t in make_plan(Job(replace(base, benchmark=bench, data_dir=folder), registry))]
+
+    assert keys(first) == keys(second), "the same files elsewhere: the same plan"
+    before = dataset_fingerprint(Job(replace(base, data_dir=second), registry), "npz", npz)
+    with np.load(second / "test.npz") as data:
+        x, y = data["x"].copy(), data["y"]
+    x[0, 0, 0, 0] ^= 1  # one bit of one pixel
+    np.savez(second / "test.npz", x=x, y=y)
+    assert dataset_fingerprint(Job(replace(base, data_dir=second), registry), "npz", npz) != before
+    assert not set(keys(first)) & set(keys(second)), "changed data: every task's key changes"
+    (second / "test.npz").unlink()  # a missing file plans (its load will say what is missing) under its own key
+    assert dataset_fingerprint(Job(replace(base, data_dir=second), registry), "npz", npz) != before

@@ -1,13 +1,19 @@
 """The offline default benchmark's data: scikit-learn's bundled 8x8 digits, and natural patches."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import sklearn.datasets
 from sklearn.datasets import load_digits, load_sample_images
 from sklearn.model_selection import train_test_split
 
-from oodbench.api import Dataset, DatasetContext, ImageSet, PluginError
+from oodbench.api import Dataset, DatasetContext, ImageSet, PluginError, files_sha256
 
 from .convert import to_format
+
+# Where scikit-learn keeps the files its bundled-dataset loaders read.
+_SKLEARN_DATA = Path(sklearn.datasets.__file__).parent
 
 
 class Digits(Dataset):
@@ -27,6 +33,10 @@ class Digits(Dataset):
         self.split_seed = split_seed
         self.classes = tuple(int(c) for c in classes)
         self.complement = complement
+
+    def fingerprint(self, data_dir: Path) -> str:
+        """The sha256 of scikit-learn's bundled ``digits.csv.gz``, which ``load_digits`` reads."""
+        return files_sha256([_SKLEARN_DATA / "data" / "digits.csv.gz"])
 
     def load(self, ctx: DatasetContext) -> ImageSet:
         if ctx.split not in self.splits:
@@ -60,6 +70,10 @@ class NaturalPatches(Dataset):
     def __init__(self, *, size: int = 0, seed: int = 0):
         self.size = size
         self.seed = seed
+
+    def fingerprint(self, data_dir: Path) -> str:
+        """The sha256 of scikit-learn's two bundled photographs, which ``load_sample_images`` reads."""
+        return files_sha256(sorted((_SKLEARN_DATA / "images").glob("*.jpg")))
 
     def load(self, ctx: DatasetContext) -> ImageSet:
         if ctx.image_shape is None:

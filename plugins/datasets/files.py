@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oodbench.api import Dataset, DatasetContext, ImageSet, MissingDataError, PluginError
+from oodbench.api import Dataset, DatasetContext, ImageSet, MissingDataError, PluginError, files_sha256
 
 from .convert import to_format
 
@@ -34,9 +34,7 @@ class NpzImages(Dataset):
         given = self.paths.get(split, "")
         if not given:
             raise PluginError(f"npz dataset: no file given for split '{split}' (option '{split}')")
-        path = Path(given).expanduser()
-        if not path.is_absolute():
-            path = ctx.data_dir / path
+        path = _resolve(given, ctx.data_dir)
         if not path.exists():
             raise MissingDataError(f"npz dataset: file for split '{split}' not found: {path} (set --data-dir or the '{split}' option)")
         with np.load(path, allow_pickle=False) as data:
@@ -46,6 +44,10 @@ class NpzImages(Dataset):
         if x.dtype != np.uint8 or x.ndim != 4:
             raise PluginError(f"{path}: 'x' must be uint8 N x H x W x C, got {x.dtype} {x.shape}")
         return x.transpose(0, 3, 1, 2), y
+
+    def fingerprint(self, data_dir: Path) -> str:
+        """The sha256 of the split files' contents (and names), as given."""
+        return files_sha256(_resolve(given, data_dir) for given in self.paths.values() if given)
 
     def load(self, ctx: DatasetContext) -> ImageSet:
         if ctx.split == "val" and not self.paths["val"]:
@@ -64,3 +66,9 @@ class NpzImages(Dataset):
         num_classes = self.num_classes or (int(y.max()) + 1 if y is not None and len(y) else None)
         name = Path(self.paths[ctx.split] or self.paths["train"]).stem
         return ImageSet(np.ascontiguousarray(x), None if y is None else y.astype(np.int64), name, num_classes)
+
+
+def _resolve(given: str, data_dir: Path) -> Path:
+    """A split's file: as given when absolute, else under ``--data-dir``."""
+    path = Path(given).expanduser()
+    return path if path.is_absolute() else Path(data_dir) / path

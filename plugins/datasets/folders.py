@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from oodbench.api import Dataset, DatasetContext, ImageSet, MissingDataError, PluginError
+from oodbench.api import Dataset, DatasetContext, ImageSet, MissingDataError, PluginError, files_sha256
 
 from .convert import to_format
 
@@ -124,6 +124,17 @@ class FolderImages(Dataset):
         if not path.is_dir():
             raise self._missing(path, split)
         return path
+
+    def fingerprint(self, data_dir: Path) -> str:
+        """The sha256 of every image file of the given folders (paths relative to each folder, contents)."""
+        digests = []
+        for given in self.paths.values():
+            if given:
+                path = Path(given).expanduser()
+                folder = path if path.is_absolute() else Path(data_dir) / path
+                files = scan(folder)[0] if folder.is_dir() else [folder]
+                digests.append(files_sha256(files, root=folder))
+        return files_sha256([]) if not digests else "-".join(digests)
 
     def _missing(self, path: Path, split: str) -> MissingDataError:
         return MissingDataError(f"{self.name}: folder for split '{split}' not found: {path} "

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from oodbench.api import Dataset, DatasetContext, ImageSet, MissingDataError, PluginError
+from oodbench.api import Dataset, DatasetContext, ImageSet, MissingDataError, PluginError, files_sha256
 
 from .convert import to_format
 
@@ -68,11 +68,17 @@ class _TorchvisionSet(Dataset):
         self.complement = bool(complement)
 
     # -- where the files are -------------------------------------------------------------
-    def _root(self, ctx: DatasetContext) -> Path:
+    def _root(self, data_dir: Path) -> Path:
         if not self.root:
-            return Path(ctx.data_dir)
+            return Path(data_dir)
         path = Path(self.root).expanduser()
-        return path if path.is_absolute() else Path(ctx.data_dir) / path
+        return path if path.is_absolute() else Path(data_dir) / path
+
+    def fingerprint(self, data_dir: Path) -> str:
+        """The sha256 of the files torchvision reads for the train and test sets (names and contents)."""
+        root = self._root(data_dir)
+        files = dict.fromkeys(f for train in (True, False) for f in self._expected(root, train)[1])
+        return files_sha256(files, root=root)
 
     def _tv_class(self) -> type:
         import torchvision.datasets
@@ -114,7 +120,7 @@ class _TorchvisionSet(Dataset):
             raise PluginError(f"{self.name} has splits {self.splits}, not '{split}'")
         if split == "val" and not self.val_size:
             raise PluginError(f"{self.name}: val_size = 0 leaves no validation split; set val_size > 0")
-        x, y = self._read(self._root(ctx), train=split != "test")
+        x, y = self._read(self._root(ctx.data_dir), train=split != "test")
         if self.classes:
             keep = np.isin(y, self.classes) != self.complement
             x, y = x[keep], y[keep]
