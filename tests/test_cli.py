@@ -42,7 +42,7 @@ def test_unknown_option_and_bad_benchmark_are_clear(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "x"\n[model]\nplugin = "small-cnn"\n')
     done = run_cli("run", "--benchmark", str(bad), "--no-cache")
-    assert done.returncode == 2 and "in_distribution: must be a table" in done.stderr
+    assert done.returncode == 2 and "in_distribution: missing; must be a table" in done.stderr
     done = run_cli("run", "--benchmark", "nope", "--no-cache")
     assert done.returncode == 2 and "unknown benchmark 'nope'. Available benchmarks: cifar10, " in done.stderr
     assert ", digits, digits-heldout" in done.stderr

@@ -35,9 +35,10 @@ VARIANTS = {
     "waic of VAEs": ("waic", {"M": 2, "member": "vae", "member_options": {"epochs": 1, "hidden": 8, "latent": 2}}),
     "gmm in float64": ("gmm", {"k": 3, "dtype": "float64"}),
 }
-BUILTIN = ["gmm", "gmm-100", "gmm-1000", "logits", "maf", "mahalanobis", "mahalanobis-ensemble",
-           "mahalanobis-ensemble-nood", "mahalanobis-pre", "msp", "odin", "odin-nood", "pixelcnn", "temperature",
-           "vae", "waic", "zheng"]
+BUILTIN = ["ash-b", "ash-p", "ash-s", "dice", "energy", "entropy", "fdbd", "gen", "gmm", "gmm-100", "gmm-1000",
+           "gradnorm", "kl-matching", "knn", "logits", "maf", "mahalanobis", "mahalanobis-ensemble",
+           "mahalanobis-ensemble-nood", "mahalanobis-pre", "maxlogit", "msp", "nci", "nnguide", "odin", "odin-nood",
+           "pixelcnn", "react", "rmds", "scale", "she", "temperature", "vae", "vim", "waic", "zheng"]
 
 
 def test_every_builtin_detector_stores_its_state(registry):
