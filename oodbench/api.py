@@ -47,7 +47,9 @@ __all__ = [
     # value types
     "ImageSet", "SplitView", "FitContext", "Holdout", "DatasetContext", "Classifier",
     # base classes
-    "Plugin", "Dataset", "Model", "Attack", "Detector", "Executor", "LayeredNetwork",
+    "Plugin", "Dataset", "Model", "Attack", "Detector", "Executor", "LayeredNetwork", "FailureSource",
+    # failure sources' values
+    "ImageRequest", "Case", "Side", "SourceContext",
     # errors
     "PluginError", "MissingDataError", "TaskFailed",
     # constants
@@ -525,6 +527,85 @@ class Attack(Plugin):
         eps: float,
         generator: torch.Generator,
     ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """An image set a failure source needs, made by the core: loaded (``dataset``) or attacked (``attack``),
+    its outputs extracted once, cached, and shared by every source and detector that names it.
+
+    ``name`` is the set's name everywhere (``ood:svhn``, ``adv:fgsm:0.05``): two sources that ask for
+    the same name share the set. A ``dataset`` is loaded as a failure source (the test split,
+    converted to the in-distribution format; its labels, if it keeps them, reach ``carve``).
+    An ``attack`` perturbs the first ``[sources] attack_subset`` in-distribution test images at
+    ``eps``: attacked image ``i`` is the attack of test image ``SourceContext.attack_subset[i]``.
+    """
+
+    name: str
+    dataset: str | None = None
+    attack: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    eps: float = 0.0
+
+
+@dataclass(frozen=True)
+class Case:
+    """One failure source's row name (``mistakes``, ``ood:svhn``), what its negatives are in words, and the
+    image sets (``"test"`` or a requested set's name) it carves from: if one of those could not be made,
+    the core reports the source as failed without calling ``carve``. ``kind`` overrides the plugin's for
+    this case (a source plugin may make rows of two kinds)."""
+
+    name: str
+    negatives_are: str
+    uses: tuple[str, ...] = ("test",)
+    #: the rows' ``source_kind`` when it is not the plugin's ``kind``
+    kind: str = ""
+
+
+@dataclass(frozen=True)
+class Side:
+    """Positives or negatives of a source: rows ``index`` of image set ``images``."""
+
+    images: str
+    index: np.ndarray
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    """What ``FailureSource.carve`` reads: per image set (``"test"`` and every request that was made), the
+    classifier's predicted class and the true labels (None where the set has none)."""
+
+    seed: int
+    predictions: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray | None]
+    #: the test images the attacks perturbed, in order
+    attack_subset: np.ndarray
+
+
+class FailureSource(Plugin):
+    """A kind of failure: which inputs a detector should rank as trustworthy (positives) and which fail.
+
+    Benchmark files name sources by plugin: each table of ``[[sources.<plugin>]]`` is one
+    instance with those options (``mistakes``, ``ood`` and ``attacks`` also take the shorthand
+    forms of the benchmark schema). Before any data is read, ``image_sets`` says which image
+    sets the source needs and ``cases`` which rows it makes; once the sets' outputs exist,
+    ``carve(case, ctx)`` returns its positives and negatives. The core holds part of each side
+    out for detectors that tune on the source, evaluates the rest, and writes ``kind`` into
+    the rows' ``source_kind``. Carving must be deterministic (use ``ctx.seed`` for any random
+    choice). ``kind = "mistakes"`` marks positives and negatives as the classifier's right and
+    wrong predictions on one set: the rows then get the selective-classification metrics.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def image_sets(self) -> list[ImageRequest]:
+        return []
+
+    def cases(self) -> list[Case]:
+        raise NotImplementedError
+
+    def carve(self, case: Case, ctx: SourceContext) -> tuple[Side, Side]:
         raise NotImplementedError
 
 

@@ -26,6 +26,13 @@ Schema (version 1; every key but ``name``, ``in_distribution`` and ``model`` is 
     eps = [0.05, 0.1]               # pixel units in [0, 1]
     options = {}
 
+    [[sources.covariate-shift]]     # any other key names a failure-source plugin:
+    corruption = "contrast"         # each table is one instance, with these options
+    severity = 3
+
+``mistakes``, ``ood`` and ``attacks`` are shorthands for the built-in source plugins of those
+names (``Benchmark.sources`` lists every instance in row order: those three first).
+
     [run]
     seeds = 1                       # default for --seeds
     batch_size = 256
@@ -93,6 +100,19 @@ class Benchmark:
     default: bool = False
     labels_per_class: int = 0
     precision: str = "float32"
+    #: the ``[[sources.<plugin>]]`` tables of other source plugins, in file order
+    extra_sources: tuple[PluginRef, ...] = ()
+
+    @property
+    def sources(self) -> tuple[PluginRef, ...]:
+        """Every failure-source plugin instance, in the order of the rows: the shorthand keys (the built-in
+        ``mistakes``, ``ood`` and ``attacks`` plugins), then the other plugins' tables in file order."""
+        return (*((PluginRef("mistakes"),) if self.mistakes else ()),
+                *(PluginRef("ood", {"dataset": r.dataset, "label": r.name, "options": dict(r.options)})
+                  for r in self.ood),
+                *(PluginRef("attacks", {"attack": r.plugin, "eps": list(r.eps), "options": dict(r.options)})
+                  for r in self.attacks),
+                *self.extra_sources)
 
 
 Precision = Literal["float32", "float64"]
@@ -149,6 +169,8 @@ class _Attack(_Table):
 
 
 class _Sources(_Table):
+    # Any other key names a failure-source plugin: a table, or a list of tables ([[sources.NAME]]), of its options.
+    model_config = ConfigDict(extra="allow", strict=True)
     mistakes: bool = True
     ood: Annotated[list[_OOD], _words("a list of dataset names or tables {dataset, name, options}")] = []
     attack_subset: Annotated[int, Field(ge=0)] = 0
@@ -282,6 +304,14 @@ def load_benchmark(path: Path) -> Benchmark:
         # an unknown key first: a typo ([modle]) also makes what it meant missing, and the typo is the news
         errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
         raise BenchmarkError(f"{path}: {_explain(errors[0], raw)}") from None
+    extra = []
+    for key, value in (data.sources.model_extra or {}).items():
+        tables = [value] if isinstance(value, dict) else value
+        if not (isinstance(tables, list) and tables and all(isinstance(t, dict) for t in tables)):
+            allowed = ", ".join(sorted(_Sources.model_fields))
+            raise BenchmarkError(f"{path}: sources.{key}: unknown key {key} in sources; allowed: {allowed}, or a "
+                                 f"failure-source plugin's tables of options ([[sources.PLUGIN]]), got {value!r}")
+        extra += [PluginRef(key, dict(table)) for table in tables]
     ood = tuple(OODRef(item.name or item.dataset, item.dataset, dict(item.options)) for item in data.sources.ood)
     attacks = tuple(AttackRef(item.plugin, tuple(float(e) for e in item.eps), dict(item.options))
                     for item in data.sources.attacks)
@@ -304,4 +334,5 @@ def load_benchmark(path: Path) -> Benchmark:
         default=data.default,
         labels_per_class=data.in_distribution.labels_per_class,
         precision=data.run.precision,
+        extra_sources=tuple(extra),
     )

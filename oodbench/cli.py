@@ -479,8 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_leaderboard_show)
 
     lst = sub.add_parser("list", help="list installed plugins", description="List every dataset, model, attack, "
-                         "detector and benchmark that installed plugins provide, with the providing distribution.")
-    lst.add_argument("kind", nargs="?", choices=["datasets", "models", "attacks", "detectors", "benchmarks"])
+                         "failure source, detector, executor and benchmark that installed plugins provide, with the providing distribution.")
+    lst.add_argument("kind", nargs="?", choices=["datasets", "models", "attacks", "sources", "detectors", "executors",
+                                                      "benchmarks"])
     lst.add_argument("--verbose", "-v", action="store_true", help="each plugin's options: type, default and "
                      "description (from the constructor's annotations and the docstring's 'Options:' paragraph)")
     lst.add_argument("--json", action="store_true", help="machine-readable output, options included")

@@ -39,6 +39,11 @@ def oodbench_register_attacks(register):
 
 
 @hookspec
+def oodbench_register_sources(register):
+    """Register ``oodbench.api.FailureSource`` subclasses (kinds of failure: mistakes, OOD sets, attacks, shift)."""
+
+
+@hookspec
 def oodbench_register_detectors(register):
     """Register ``oodbench.api.Detector`` subclasses (scores, higher = more trustworthy)."""
 

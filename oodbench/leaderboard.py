@@ -494,7 +494,7 @@ def pivot_table(results: pd.DataFrame, metric: str = "auroc", fmt: str = "github
 
 def _source_order(source: str) -> tuple[int, str]:
     kind = source.split(":", 1)[0]
-    return ({"mistakes": 0, "adv": 1, "ood": 2}.get(kind, 3), source)
+    return ({"mistakes": 0, "adv": 1, "ood": 2, "shift": 3}.get(kind, 4), source)
 
 
 # --------------------------------------------------------------------------------------
@@ -506,7 +506,9 @@ _TEXT_COLUMNS = frozenset(RESULT_COLUMNS) - set(_INT_COLUMNS) - set(METRICS) - s
 #: Seeds go to numpy and torch, and merged files to pandas, as int64.
 _INT_LIMIT = 2**63
 _SCHEMA_VERSIONS = frozenset(str(v) for v in range(1, SCHEMA_VERSION + 1))
-_SOURCE_PATTERN = r"^(mistakes|ood:[^:\s]+|adv:[^:\s]+:[0-9.eE+-]+:(flipped|all))$"
+# A source plugin's row names: a lower-case word, then ':'-separated parts (mistakes, ood:NAME,
+# adv:ATTACK:EPS:flipped|all, shift:CORRUPTION-SEVERITY, mistakes:CORRUPTION-SEVERITY, ...).
+_SOURCE_PATTERN = r"^[a-z][a-z0-9_-]*(:[^:\s]+)*$"
 _PROVENANCE = ("detector_plugin", "detector_version", "detector_options", "benchmark_sha256", "model_weights",
                "oodbench_version")
 MAX_PROBLEMS = 200
@@ -594,7 +596,8 @@ def _row_problems(record: dict[str, str], present: list[str]) -> Iterator[tuple[
         yield "schema_version", (f"schema version {version} needs the columns "
                                  f"{', '.join(c for c, v in ADDED_IN.items() if v <= int(version))}")
     if not re.match(_SOURCE_PATTERN, record["source"]):
-        yield "source", f"not a source name (mistakes, ood:NAME, adv:ATTACK:EPS:flipped|all): {record['source'][:60]!r}"
+        yield "source", (f"not a source name (a word, then ':'-separated parts: mistakes, ood:NAME, "
+                         f"adv:ATTACK:EPS:flipped|all): {record['source'][:60]!r}")
     status = record["status"]
     if status not in ("ok", "error"):
         yield "status", f"must be ok or error, got {status[:20]!r}"
@@ -610,8 +613,8 @@ def _row_problems(record: dict[str, str], present: list[str]) -> Iterator[tuple[
             continue
         if ADDED_IN.get(metric, 1) > int(version):
             why = f"not part of schema version {version}"
-        elif metric in MISTAKES_ONLY and record["source"] != "mistakes":
-            why = "only the mistakes source has it"
+        elif metric in MISTAKES_ONLY and record.get("source_kind", record["source"]) != "mistakes":
+            why = "only sources of kind mistakes have it"
         else:
             why = ""
         message = _metric_problem(record[metric], status, why)

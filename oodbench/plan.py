@@ -27,6 +27,7 @@ import numpy as np
 
 from .cache import Cache, make_key
 from .plugins import instantiate, resolve_options
+from .runner import image_requests, source_plugins
 from .tasks import Job, attack_seed, classifier_seed, detector_seed, evaluate_seed, extract_seed, fit_seed, prepare_seed
 
 
@@ -51,17 +52,21 @@ def make_plan(job: Job) -> list[Task]:
     resources = {"GPU": 1.0} if opts.device.type == "cuda" else {}
     bench = opts.benchmark
     fine = opts.cache_dir is not None
+    sources = source_plugins(registry, bench)
+    requests = image_requests(sources)
     used = {("datasets", bench.in_distribution.plugin), ("models", bench.model.plugin),
-            *(("datasets", ref.dataset) for ref in bench.ood), *(("attacks", ref.plugin) for ref in bench.attacks)}
+            *(("sources", ref.plugin) for ref in bench.sources),
+            *(("attacks", r.attack) if r.attack is not None else ("datasets", r.dataset) for r in requests.values())}
     versions = {f"{kind}:{name}": registry.get(kind, name).version for kind, name in sorted(used)}
     layers = any("layers" in registry.get("detectors", s.name).target.needs for s in opts.detectors)
     data = make_key("data", in_distribution=dataset_fingerprint(job, bench.in_distribution.plugin,
                                                                  bench.in_distribution.options),
-                    ood={ref.name: dataset_fingerprint(job, ref.dataset, ref.options) for ref in bench.ood},
+                    requested={name: dataset_fingerprint(job, r.dataset, r.options)
+                               for name, r in requests.items() if r.attack is None},
                     model=model_fingerprint(job))
     shared = make_key("prepare", benchmark=bench.sha256, versions=versions, data=data, device=opts.device.type,
                       batch=opts.batch_size, bf16=opts.bf16, channels_last=opts.channels_last, layers=layers)
-    names = source_names(bench)
+    names = [case.name for plugin in sources for case in plugin.cases()]
     tasks: list[Task] = []
 
     def add(kind: str, part: dict[str, Any], label: str, fn: Callable[..., Any], args: tuple[Any, ...],
@@ -75,12 +80,13 @@ def make_plan(job: Job) -> list[Task]:
         if fine:
             model = add("classifier", {}, f"classifier seed {seed}", classifier_seed, (job, seed), (), seed,
                         "classifier")
+            loaded = [name for name, r in requests.items() if r.attack is None]
             warm = tuple(add("extract", {"set": name}, f"extract {name} seed {seed}", extract_seed,
                              (job, seed, name), (model.key,), seed, f"extract-{name}").key
-                         for name in ("train", "val", "test", *(f"ood:{r.name}" for r in bench.ood)))
-            warm += tuple(add("attack", {"attack": i, "eps": eps}, f"attack {ref.plugin} eps={eps:g} seed {seed}",
-                              attack_seed, (job, seed, i, eps), (model.key,), seed, f"attack-{ref.plugin}-{eps:g}").key
-                          for i, ref in enumerate(bench.attacks) for eps in ref.eps)
+                         for name in ("train", "val", "test", *loaded))
+            warm += tuple(add("attack", {"set": name}, f"attack {r.attack} eps={r.eps:g} seed {seed}", attack_seed,
+                              (job, seed, name), (model.key,), seed, f"attack-{r.attack}-{r.eps:g}").key
+                          for name, r in requests.items() if r.attack is not None)
         sources = add("sources", {}, f"sources seed {seed}", prepare_seed, (job, seed), warm, seed, "sources")
         for spec in opts.detectors:
             entry = registry.get("detectors", spec.name)
@@ -97,15 +103,6 @@ def make_plan(job: Job) -> list[Task]:
                     (job, seed, spec, name, i == 0), (fit.key,), seed, f"{spec.label}-{name}", detector=spec.label,
                     source=name)
     return tasks
-
-
-def source_names(bench) -> list[str]:
-    """The failure sources' names in the order the ``sources`` task makes them (runner.SeedWork.sources)."""
-    names = ["mistakes"] if bench.mistakes else []
-    names += [f"ood:{ref.name}" for ref in bench.ood]
-    names += [f"adv:{ref.plugin}:{eps:g}:{which}" for ref in bench.attacks for eps in ref.eps
-              for which in ("flipped", "all")]
-    return names
 
 
 def dataset_fingerprint(job: Job, plugin: str, options: dict[str, Any]) -> str:

@@ -32,7 +32,7 @@ FORMATS = ("png", "svg")
 DPI = 100
 _LINESTYLES = ("-", "--", ":", "-.")
 _POSITIVES = {"mistakes": "correctly classified test inputs", "ood": "in-distribution test inputs",
-              "adversarial": "clean test inputs"}
+              "adversarial": "clean test inputs", "shift": "clean test inputs"}
 
 
 @dataclass

@@ -30,12 +30,13 @@ from typing import Any, Iterable
 import pluggy
 
 from . import hookspecs
-from .api import Attack, Dataset, Detector, Executor, Model, Plugin
+from .api import Attack, Dataset, Detector, Executor, FailureSource, Model, Plugin
 
 KINDS: dict[str, type] = {
     "datasets": Dataset,
     "models": Model,
     "attacks": Attack,
+    "sources": FailureSource,
     "detectors": Detector,
     "executors": Executor,
     "benchmarks": Path,

@@ -105,10 +105,22 @@ def check_plugins(registry, bench, seed: int) -> None:
              for ref in bench.ood]
     uses += [("attacks", ref.plugin, ref.options, f"sources.attacks[{i}] (attack '{ref.plugin}')")
              for i, ref in enumerate(bench.attacks)]
+    counts: dict[str, int] = {}
+    for ref in bench.extra_sources:  # [[sources.PLUGIN]] tables: the plugin, then the image sets it asks for
+        i = counts[ref.plugin] = counts.get(ref.plugin, -1) + 1
+        uses.append(("sources", ref.plugin, ref.options, f"sources.{ref.plugin}[{i}] (failure source '{ref.plugin}')"))
     for kind, name, options, where in uses:
         # The runner builds models without a seed, datasets and attacks with the seed of the run.
         _check_plugin(registry, kind, name, options, None if kind == "models" else seed,
                       f"benchmark {bench.name}: {where}")
+    from .plugins import instantiate
+
+    for ref in bench.extra_sources:
+        for request in instantiate(registry.get("sources", ref.plugin), ref.options, seed).image_sets():
+            kind, name = ("attacks", request.attack) if request.attack is not None else ("datasets", request.dataset)
+            _check_plugin(registry, kind, name, request.options, seed,
+                          f"benchmark {bench.name}: sources.{ref.plugin} image set '{request.name}' ({kind[:-1]} "
+                          f"'{name}')")
 
 
 def _check_plugin(registry, kind: str, name: str, options: dict[str, Any], seed: int | None, where: str) -> None:

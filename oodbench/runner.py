@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .api import UNLABELED, DatasetContext, Detector, FitContext, Holdout, ImageSet, PluginError, SplitView
+from .api import (UNLABELED, DatasetContext, Detector, FailureSource, FitContext, Holdout, ImageRequest, ImageSet,
+                  PluginError, SourceContext, SplitView)
 from .benchmark import Benchmark
 from .cache import Cache, make_key
 from .classifier import ClassifierHandle
@@ -143,6 +144,9 @@ class SeedWork:
         self._prepared: Prepared | None = None
         self._classifier: tuple[ClassifierHandle, str, Entry, dict[str, Any]] | None = None
         self._ood_sets: dict[str, ImageSet] = {}
+        # The detector fitted (or loaded) last in this process, by key: a worker's evaluate tasks of one detector
+        # share it as one detector task did, memos included (ODIN's perturbed test images serve every source).
+        self._fitted: dict[str, Detector] = {}
 
     # -- data ------------------------------------------------------------------------
     def _dataset(self, ref_name: str, options: dict[str, Any]):
@@ -186,6 +190,11 @@ class SeedWork:
         if self._classifier is None:
             self._classifier = self._load_classifier()
         return self._classifier
+
+    @property
+    def has_classifier(self) -> bool:
+        """Whether this process has built the seed's classifier already."""
+        return self._classifier is not None
 
     def _load_classifier(self) -> tuple[ClassifierHandle, str, Entry, dict[str, Any]]:
         ref = self.bench.model
@@ -287,42 +296,55 @@ class SeedWork:
         return handle.float64() if self.bench.precision == "float64" else contextlib.nullcontext()
 
     # -- sources -----------------------------------------------------------------------
+    def source_plugins(self) -> list[FailureSource]:
+        """The benchmark's failure-source plugin instances, in row order."""
+        return source_plugins(self.registry, self.bench, self.seed)
+
+    def requests(self) -> dict[str, ImageRequest]:
+        """Every image set the sources need, by name, in the order they first ask for it."""
+        return image_requests(self.source_plugins())
+
+    def requested_outputs(self, handle: ClassifierHandle, model_key: str,
+                          request: ImageRequest) -> tuple[SplitView, np.ndarray | None]:
+        """Make a requested image set (load it, or attack the clean subset) and extract its outputs (cached);
+        with its labels when the dataset keeps them (for ``carve``; detectors never see them)."""
+        if request.attack is not None:
+            images = self.adversarial(handle, model_key, self.clean_attack_set(), request.attack, request.options,
+                                      request.eps)
+        else:
+            images = self.ood_set(request.name, request.dataset, request.options)
+        return self.outputs(handle, model_key, images, request.name), images.y
+
     def sources(self, handle: ClassifierHandle, model_key: str) -> tuple[SplitView, list[Source]]:
+        """Every failure source, carved by its plugin from the outputs of the image sets it named.
+
+        An image set that cannot be made (a dataset's or an attack's error) fails the sources that
+        use it, and only those; so does a plugin's ``carve`` that raises."""
         test_set = self.id_split("test")
         test = self.outputs(handle, model_key, test_set, "test")
-        correct = test.predictions == test_set.y
-        everything = Part(test, np.arange(len(test)))
-        sources: list[Source] = []
-        if self.bench.mistakes:
-            sources.append(Source("mistakes", "mistakes", "misclassified test inputs",
-                                  everything.take(np.flatnonzero(correct)), everything.take(np.flatnonzero(~correct))))
-        for ref in self.bench.ood:
+        views, labels, failed = {"test": test}, {"test": test_set.y}, {}
+        for name, request in self.requests().items():
             try:
-                images = self.ood_set(ref.name, ref.dataset, ref.options)
+                views[name], labels[name] = self.requested_outputs(handle, model_key, request)
             except Exception as exc:
-                sources.append(_failed_source(f"ood:{ref.name}", "ood", exc))
-                continue
-            view = self.outputs(handle, model_key, images, f"ood:{ref.name}")
-            sources.append(Source(f"ood:{ref.name}", "ood", f"{ref.dataset} images", everything,
-                                  Part(view, np.arange(len(view)))))
-        subset = self._attack_subset()
-        clean_set = self.clean_attack_set()
-        clean = everything.take(subset)
-        for ref in self.bench.attacks:
-            for eps in ref.eps:
-                name = f"adv:{ref.plugin}:{eps:g}"
+                failed[name] = exc
+        ctx = SourceContext(self.seed, {name: view.predictions for name, view in views.items()}, labels,
+                            self._attack_subset())
+        sources: list[Source] = []
+        for plugin in self.source_plugins():
+            for case in plugin.cases():
+                kind = case.kind or plugin.kind
+                broken = [failed[name] for name in case.uses if name in failed]
                 try:
-                    adv_images = self.adversarial(handle, model_key, clean_set, ref.plugin, ref.options, eps)
+                    if broken:
+                        raise broken[0]
+                    positives, negatives = plugin.carve(case, ctx)
+                    source = Source(case.name, kind, case.negatives_are,
+                                    Part(views[positives.images], np.asarray(positives.index, np.int64)),
+                                    Part(views[negatives.images], np.asarray(negatives.index, np.int64)))
                 except Exception as exc:
-                    sources.append(_failed_source(f"{name}:flipped", "adversarial", exc))
-                    sources.append(_failed_source(f"{name}:all", "adversarial", exc))
-                    continue
-                adv = self.outputs(handle, model_key, adv_images, name)
-                flipped = np.flatnonzero(adv.predictions != test.predictions[subset])
-                all_adv = Part(adv, np.arange(len(adv)))
-                sources.append(Source(f"{name}:flipped", "adversarial",
-                                      "adversarial versions that change the prediction", clean, all_adv.take(flipped)))
-                sources.append(Source(f"{name}:all", "adversarial", "all adversarial versions", clean, all_adv))
+                    source = _failed_source(case.name, kind, exc)
+                sources.append(source)
         for source in sources:
             if source.kind != "error":
                 self._carve_holdout(source)
@@ -377,6 +399,8 @@ class SeedWork:
 
             if state["fit_error"] is not None:
                 raise state["fit_error"]
+            if state["detector"] is None and det_key in self._fitted:
+                state["detector"] = self._fitted[det_key]
             if state["detector"] is None:
                 started, step = time.perf_counter(), "fit"
                 _seed_everything(self.seed)
@@ -418,6 +442,8 @@ class SeedWork:
                 finally:
                     state["fit_seconds"] = time.perf_counter() - started
                 state["detector"] = detector
+                self._fitted.clear()  # one at a time: a worker's memory holds one fitted detector
+                self._fitted[det_key] = detector
             return state["detector"]
 
         return _Fitting(fitted, state, det_key, needs, cls)
@@ -599,6 +625,27 @@ def detector_fields(registry: Registry, spec: DetectorSpec, seed: int) -> dict[s
     return {"detector": spec.label, "detector_plugin": entry.provider, "detector_version": entry.version,
             "detector_options": json.dumps(_jsonable(resolved), sort_keys=True),
             "tuned_on_source": bool(entry.target.tunes_on_source)}
+
+
+def source_plugins(registry: Registry, bench: Benchmark, seed: int = 0) -> list[FailureSource]:
+    """The benchmark's failure-source plugin instances, in row order (``Benchmark.sources``)."""
+    return [instantiate(registry.get("sources", ref.plugin), ref.options, seed=seed) for ref in bench.sources]
+
+
+def image_requests(plugins: list[FailureSource]) -> dict[str, ImageRequest]:
+    """The image sets ``plugins`` need, by name, loaded ones first, then attacked ones, each in first-asked order.
+
+    Two sources asking for one name share the set, which must then be the same request."""
+    requests: dict[str, ImageRequest] = {}
+    for plugin in plugins:
+        for request in plugin.image_sets():
+            if request.name in ("test", "train", "val"):
+                raise PluginError(f"source '{plugin.name}' asks for an image set named '{request.name}', the name "
+                                  "of an in-distribution split")
+            if requests.setdefault(request.name, request) != request:
+                raise PluginError(f"two sources ask for different image sets under one name '{request.name}'")
+    return {**{n: r for n, r in requests.items() if r.attack is None},
+            **{n: r for n, r in requests.items() if r.attack is not None}}
 
 
 def _labelled(images: ImageSet) -> ImageSet:

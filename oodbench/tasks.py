@@ -114,9 +114,10 @@ class _Accounting:
 
 
 def _fresh_counters(work: SeedWork) -> None:
-    """Start the shared handle's pass counters at zero, so a task reports only its own passes."""
-    if work.prepared is not None:
-        work.prepared.handle.reset_counters()
+    """Start the shared handle's pass counters at zero, so a task reports only its own passes (the classifier
+    outlives tasks: an earlier task of this worker may have counted on it)."""
+    if work.has_classifier:
+        work.classifier()[0].reset_counters()
 
 
 def classifier_seed(job: Job, seed: int) -> TaskResult:
@@ -129,15 +130,15 @@ def classifier_seed(job: Job, seed: int) -> TaskResult:
 
 
 def extract_seed(job: Job, seed: int, image_set: str, *_dependencies: Any) -> TaskResult:
-    """Task ``extract``: the shared outputs of one image set (``train``, ``val``, ``test`` or ``ood:<name>``)."""
+    """Task ``extract``: the shared outputs of one image set (``train``, ``val``, ``test``, or one a failure
+    source asked a dataset for, such as ``ood:<name>``)."""
     work = _seed_work(job, seed)
     handle, model_key = work.classifier()[:2]
-    handle.reset_counters()
+    _fresh_counters(work)
     accounting = _Accounting(work)
     try:
-        if image_set.startswith("ood:"):
-            ref = next(r for r in work.bench.ood if f"ood:{r.name}" == image_set)
-            work.outputs(handle, model_key, work.ood_set(ref.name, ref.dataset, ref.options), image_set)
+        if image_set not in ("train", "val", "test"):
+            work.requested_outputs(handle, model_key, work.requests()[image_set])
         else:
             images = work.id_split(image_set)
             work.outputs(handle, model_key, images, image_set, images.y if image_set != "test" else None)
@@ -146,17 +147,15 @@ def extract_seed(job: Job, seed: int, image_set: str, *_dependencies: Any) -> Ta
     return accounting.result(TaskResult(), handle)
 
 
-def attack_seed(job: Job, seed: int, attack: int, eps: float, *_dependencies: Any) -> TaskResult:
-    """Task ``attack``: the benchmark's ``attack``-th attack at ``eps`` on the clean test images, and the
-    outputs of the adversarial images."""
+def attack_seed(job: Job, seed: int, image_set: str, *_dependencies: Any) -> TaskResult:
+    """Task ``attack``: an attacked image set a failure source asked for (``adv:<attack>:<eps>``): the attack
+    on the clean test images, and the outputs of the adversarial images."""
     work = _seed_work(job, seed)
     handle, model_key = work.classifier()[:2]
-    handle.reset_counters()
+    _fresh_counters(work)
     accounting = _Accounting(work)
-    ref = work.bench.attacks[attack]
     try:
-        adversarial = work.adversarial(handle, model_key, work.clean_attack_set(), ref.plugin, ref.options, eps)
-        work.outputs(handle, model_key, adversarial, f"adv:{ref.plugin}:{eps:g}")
+        work.requested_outputs(handle, model_key, work.requests()[image_set])
     except PLUGIN_FAILURES as exc:
         return accounting.result(TaskResult(meta={"error": describe(exc)}), handle)
     return accounting.result(TaskResult(), handle)

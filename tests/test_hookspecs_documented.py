@@ -13,7 +13,8 @@ SPECS = sorted(name for name, fn in vars(hookspecs).items()
 
 def test_there_are_hook_specs():
     assert SPECS == ["oodbench_register_attacks", "oodbench_register_benchmarks", "oodbench_register_datasets",
-                     "oodbench_register_detectors", "oodbench_register_executors", "oodbench_register_models"]
+                     "oodbench_register_detectors", "oodbench_register_executors", "oodbench_register_models",
+                     "oodbench_register_sources"]
 
 
 @pytest.mark.parametrize("name", SPECS)

@@ -31,7 +31,7 @@ def test_every_kind_of_problem_is_reported_with_row_and_column(published):
     bad = published.head(4).copy()
     bad.loc[0, "auroc"] = "1.7"
     bad.loc[1, "seed"] = "zero"
-    bad.loc[2, "source"] = "ood"
+    bad.loc[2, "source"] = "ood:"
     bad.loc[3, "detector_plugin"] = ""
     bad = pd.concat([bad, bad.iloc[[0]]], ignore_index=True)
     problems = validate_frame(bad, "f.csv")
@@ -83,7 +83,7 @@ def test_schema_3_rows_validate_and_merge_with_schema_2(published):
     bad.loc[1, "auroc_ci_low"] = ""
     assert validate_frame(bad, "b.csv") == [
         "b.csv:row 2: small_sample: says False but n_pos=50, n_neg=12 (small means fewer than 30)",
-        "b.csv:row 3: aurc: must be empty: only the mistakes source has it, got '0.2'",
+        "b.csv:row 3: aurc: must be empty: only sources of kind mistakes have it, got '0.2'",
         "b.csv:row 3: auroc_ci_low: expected a number, got ''"]
     old = merged.copy()
     old.loc[0, "mannwhitney_p_greater"] = "0.5"

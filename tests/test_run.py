@@ -241,3 +241,4 @@ def test_a_detector_that_writes_into_shared_arrays_fails_alone(registry, shared_
     clean = results_frame(run_benchmark(_options(registry, "msp", shared_cache), registry).rows)
     mine = frame.loc["msp"].reset_index()
     assert mine[["source", "auroc", "fpr_at_95tpr"]].equals(clean[["source", "auroc", "fpr_at_95tpr"]])
+

@@ -53,10 +53,10 @@ def test_compare_applies_each_kinds_tolerance_and_fails_what_moved():
 
 
 def test_tolerance_and_filter_arguments():
-    assert parse_tolerances(None) == {"mistakes": 0.005, "ood": 0.005, "adversarial": 0.02}
-    assert parse_tolerances(["0.01"]) == {"mistakes": 0.01, "ood": 0.01, "adversarial": 0.01}
+    assert parse_tolerances(None) == {"mistakes": 0.005, "ood": 0.005, "adversarial": 0.02, "shift": 0.005}
+    assert parse_tolerances(["0.01"]) == {"mistakes": 0.01, "ood": 0.01, "adversarial": 0.01, "shift": 0.01}
     assert parse_tolerances(["adversarial=0.05"])["adversarial"] == 0.05
-    for bad in (["x"], ["-1"], ["nan"], ["shift=0.1"]):
+    for bad in (["x"], ["-1"], ["nan"], ["drift=0.1"]):
         with pytest.raises(VerifyError):
             parse_tolerances(bad)
     assert parse_filters(["detector=gmm*", "seed=0"]) == {"detector": "gmm*", "seed": "0"}
