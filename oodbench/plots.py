@@ -31,7 +31,7 @@ from .leaderboard import SCORES_FILE, ScoreKey, _source_order, read_scores, read
 FORMATS = ("png", "svg")
 DPI = 100
 _LINESTYLES = ("-", "--", ":", "-.")
-_POSITIVES = {"mistakes": "correctly classified test inputs", "ood": "in-distribution test inputs",
+_POSITIVES = {"mistakes": "correctly classified inputs", "ood": "in-distribution test inputs",
               "adversarial": "clean test inputs", "shift": "clean test inputs"}
 
 

@@ -2,10 +2,10 @@
 
 The page holds the leaderboard tables (AUROC, FPR at 95% TPR, Mann-Whitney U p-value; mean ±
 std over seeds, the bootstrap interval and n beside each figure, small samples marked, best per
-source in bold), the selective-classification metrics of the mistakes source, the failed rows, the plots of ``plots.py`` embedded
-as PNG data URIs, and the run's provenance from ``run.json``. It loads nothing from elsewhere,
-so it can be mailed or attached to an issue as one file. Every text from the run folder is
-HTML-escaped. Without ``scores.npz`` the page has the tables and says why the plots are
+source in bold), the selective-classification metrics of each source of kind mistakes, the failed
+rows, the plots of ``plots.py`` embedded as PNG data URIs, and the run's provenance from
+``run.json``. It loads nothing from elsewhere, so it can be mailed or attached to an issue as one
+file. Every text from the run folder is HTML-escaped. Without ``scores.npz`` the page has the tables and says why the plots are
 missing; without ``results.csv`` there is nothing to report and ``ValueError`` says so.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from .cache import atomic_write
-from .leaderboard import TABLE_NOTE, pivot_cells
+from .leaderboard import TABLE_NOTE, _source_order, pivot_cells
 from .plots import RunData, iter_plots, load_run, write_plot
 
 TABLES = (
@@ -102,12 +102,13 @@ def _page(run: RunData, meta: dict[str, Any], meta_note: str, plots: list[tuple[
         parts.append(f"<p>{escape(direction[0].upper() + direction[1:])}; the best of each source in bold. "
                      f"Cells: {escape(TABLE_NOTE)}.</p>")
         parts.append(_pivot_html(results, metric, number))
-    if (results["source"] == "mistakes").any():
-        parts.append("<h2>Selective classification (mistakes source)</h2>")
+    # Every source of kind mistakes (the test set's, and e.g. covariate shift's mistakes reading) has them.
+    for source in sorted(set(results.loc[results["source_kind"] == "mistakes", "source"]), key=_source_order):
+        parts.append(f"<h2>Selective classification ({escape(source)})</h2>")
         parts.append("<p>Accepting the inputs a detector scores highest, the risk is the error rate among those "
                      "accepted: " + "; ".join(f"{escape(t)} ({escape(d)})" for _, t, d in SELECTIVE)
                      + f". Cells: {escape(TABLE_NOTE)}.</p>")
-        parts.append(_selective_html(results))
+        parts.append(_selective_html(results, source))
     errors = results[results["status"] != "ok"]
     if len(errors):
         parts.append("<h2>Failed rows</h2>")
@@ -147,9 +148,9 @@ def _pivot_html(results: pd.DataFrame, metric: str, number: str) -> str:
     return f"<table><thead>{header}</thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def _selective_html(results: pd.DataFrame) -> str:
-    """Detectors x the selective-classification metrics, on the mistakes source only."""
-    mistakes = results[results["source"] == "mistakes"]
+def _selective_html(results: pd.DataFrame, source: str) -> str:
+    """Detectors x the selective-classification metrics on ``source``, a source of kind mistakes."""
+    mistakes = results[results["source"] == source]
     columns = [pivot_cells(mistakes, metric) for metric, _, _ in SELECTIVE]
     detectors = columns[0][1]
     header = "<tr><th>detector</th>" + "".join(f"<th>{escape(t)}</th>" for _, t, _ in SELECTIVE) + "</tr>"
@@ -157,7 +158,7 @@ def _selective_html(results: pd.DataFrame) -> str:
     for detector in detectors:
         tds = []
         for _, _, cells in columns:
-            text, best = cells["mistakes", detector]
+            text, best = cells[source, detector]
             tds.append(f'<td class="best"><strong>{escape(text)}</strong></td>' if best else f"<td>{escape(text)}</td>")
         rows.append(f"<tr><td>{escape(detector)}</td>{''.join(tds)}</tr>")
     return f"<table><thead>{header}</thead><tbody>{''.join(rows)}</tbody></table>"

@@ -15,7 +15,8 @@ Tolerances (absolute, on AUROC by default) per kind of failure source, and why:
 * ``adversarial``: 0.02. FGSM and BIM step by sign(gradient): a gradient component near zero
   can flip its sign on rounding, which moves that pixel by 2 eps, and BIM compounds it over
   its steps; RobustBench accepts drift for the same reason.
-* any other kind a third-party failure source makes: 0.005 unless ``--tolerance KIND=X``.
+* any other kind a third-party failure source makes: the smallest of these (0.005), or a bare
+  ``--tolerance X`` (every kind). ``KIND=X`` takes only the kinds above, so a typo is refused.
 
 Same machine and same packages (constraints/leaderboards.txt) give the same numbers exactly.
 """
