@@ -82,6 +82,7 @@ def test_paper_benchmark_without_its_data_names_the_folder(tmp_path, name, folde
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # trains a network for 40 s: in CI's second step (python -m pytest -m slow)
 def test_train_caches_the_classifier_that_run_then_starts_from(tmp_path):
     import torch
 

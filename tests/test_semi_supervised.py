@@ -90,6 +90,7 @@ class _DropoutNet(nn.Module):
         return self.fc(F.dropout(x, 0.5, self.training).mean((2, 3)))
 
 
+@pytest.mark.slow  # trains two networks for 35 s: in CI's second step (python -m pytest -m slow)
 def test_temporal_ensembling_beats_its_labelled_images_alone():
     """Laine & Aila's claim, on digits: with 3 labels per class, the unlabelled images raise test accuracy.
 
