@@ -40,7 +40,7 @@ from oodbench.benchmark import Benchmark, load_benchmark
 from oodbench.cli import parse_detectors
 from oodbench.passes import core_minimum, passes_report
 from oodbench.plugins import Registry, build_registry, instantiate, resolve_options
-from oodbench.runner import RunOptions, RunResult, choose_device, run_benchmark
+from oodbench.runner import RunOptions, RunResult, choose_device, image_requests, run_benchmark, source_plugins
 
 Counts = dict[str, int]
 
@@ -64,28 +64,23 @@ def image_set_sizes(bench: Benchmark, registry: Registry, seed: int, data_dir: P
         splits["test"] = splits["test"].subset(np.arange(min(bench.test_subset, len(splits["test"]))))
     test = splits["test"]
     sizes = {name: len(images) for name, images in splits.items()}
-    for ood in bench.ood:
-        source = instantiate(registry.get("datasets", ood.dataset), ood.options, seed=seed)
+    attacked = min(bench.attack_subset or len(test), len(test))
+    # The image sets the failure-source plugins ask for, under the names the runner extracts them by.
+    for name, request in image_requests(source_plugins(registry, bench, seed)).items():
+        if request.attack is not None:
+            sizes[name] = attacked
+            continue
+        source = instantiate(registry.get("datasets", request.dataset), request.options, seed=seed)
         ctx = DatasetContext(split="test", seed=seed, data_dir=data_dir, image_shape=test.image_shape,
                              size=len(test), in_distribution=splits.__getitem__)
-        sizes[f"ood:{ood.name}"] = len(source.load(ctx))
-    attacked = min(bench.attack_subset or len(test), len(test))
-    for attack in bench.attacks:
-        for eps in attack.eps:
-            sizes[f"adv:{attack.plugin}:{eps:g}"] = attacked
+        sizes[name] = len(source.load(ctx))
     return sizes
 
 
-def scored_sets(seed_meta: dict[str, Any]) -> set[str]:
-    """The sets the run's sources draw positives and negatives from (``mistakes`` uses only the test set)."""
-    names = set()
-    for source in seed_meta["sources"]:
-        names.add("test")
-        if source.startswith("ood:"):
-            names.add(source)
-        elif source.startswith("adv:"):
-            names.add(source.rpartition(":")[0])  # adv:<attack>:<eps>:flipped|all -> adv:<attack>:<eps>
-    return names
+def scored_sets(seed_meta: dict[str, Any], uses: dict[str, tuple[str, ...]]) -> set[str]:
+    """The sets the run's sources draw positives and negatives from (``uses``: each source's ``Case.uses``;
+    ``mistakes`` uses only the test set, ``ood:x`` the test set and ``ood:x``)."""
+    return {name for source in seed_meta["sources"] for name in uses[source]}
 
 
 # -- attacks ------------------------------------------------------------------------------
@@ -113,15 +108,16 @@ class DetectorRun:
     """What one detector of one seed did: its label, resolved options, metadata and result rows."""
 
     def __init__(self, label: str, options: dict[str, Any], seed_meta: dict[str, Any], rows: list[dict[str, Any]],
-                 sizes: dict[str, int]):
+                 sizes: dict[str, int], uses: dict[str, tuple[str, ...]]):
         self.label, self.options, self.seed_meta, self.rows, self.sizes = label, options, seed_meta, rows, sizes
+        self.uses = uses
 
     @property
     def metadata(self) -> dict[str, Any]:
         return self.seed_meta["detectors"].get(self.label, {})
 
     def scored_images(self) -> int:
-        return sum(self.sizes[name] for name in scored_sets(self.seed_meta))
+        return sum(self.sizes[name] for name in scored_sets(self.seed_meta, self.uses))
 
     def activity(self, phase: str) -> str:
         return f"detector:{self.label}:{phase}"
@@ -197,10 +193,12 @@ def run_minimum(result: RunResult, bench: Benchmark, registry: Registry, data_di
     seed = seed_meta["seed"]
     sizes = image_set_sizes(bench, registry, seed, data_dir)
     minimum = {**core_minimum(sizes), **attack_minimum(bench, registry, sizes)}
+    uses = {case.name: case.uses for plugin in source_plugins(registry, bench, seed) for case in plugin.cases()}
     for spec in result.meta["detectors"]:
         options = resolve_options(registry.get("detectors", spec["name"]), spec["options"])
         rows = [r for r in result.rows if r["seed"] == seed and r["detector"] == spec["label"]]
-        minimum.update(detector_minimum(registry, spec["name"], DetectorRun(spec["label"], options, seed_meta, rows, sizes)))
+        minimum.update(detector_minimum(registry, spec["name"], DetectorRun(spec["label"], options, seed_meta, rows, sizes,
+                                                                         uses)))
     return minimum, sizes
 
 

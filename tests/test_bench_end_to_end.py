@@ -45,7 +45,7 @@ def test_quick_end_to_end_run_against_the_baseline(registry, tmp_path):
     bench = load_benchmark(registry.get("benchmarks", "digits").target)
     bench = replace(bench, ood=bench.ood[:1], attacks=tuple(replace(a, eps=a.eps[1:2]) for a in bench.attacks))
     result = end_to_end.measure(bench, registry, "msp,gmm,odin", Path("."), torch.device("cpu"))
-    assert result["errors"] == 0 and result["rows"] == 3 * 6  # mistakes, gaussian, FGSM and BIM (flipped, all)
+    assert result["errors"] == 0 and result["rows"] == 3 * 8  # mistakes, gaussian, FGSM and BIM (flipped, all), shift (both readings)
     least, measured = result["passes_minimum"], result["passes_measured"]
     probe = sum(memory.PROBE_SIZES)  # the batch-size fit's blank images, which no result needs
     assert least["forward_backward"] + probe == measured["forward_backward"] > probe

@@ -18,10 +18,11 @@ def test_quick_mode_reports_each_executor_and_identical_results(tmp_path, capsys
     assert report["mode"] == "quick" and report["seeds"] == [0] and report["detectors"] == ["msp", "gmm"]
     assert list(report["executors"]) == ["local-1", "dask"]
     for name, run in report["executors"].items():
-        # The cut-down benchmark: mistakes, 1 OOD set, 2 attacks at one eps (2 sources each): 6 sources.
-        kinds = {"classifier": 1, "extract": 4, "attack": 2, "sources": 1, "fit": 2, "evaluate": 12}
+        # The cut-down benchmark: mistakes, 1 OOD set, 2 attacks at one eps (2 sources each), the covariate
+        # shift's two readings of one shifted set: 8 sources from 5 extracted and 2 attacked sets.
+        kinds = {"classifier": 1, "extract": 5, "attack": 2, "sources": 1, "fit": 2, "evaluate": 16}
         assert run["tasks"] == sum(kinds.values()) and run["tasks_per_kind"] == kinds
-        assert run["failed_tasks"] == [] and run["rows"] == 12
+        assert run["failed_tasks"] == [] and run["rows"] == 16
         assert set(run["task_seconds_per_kind"]) == set(kinds)
         assert abs(sum(k["seconds"] for k in run["task_seconds_per_kind"].values()) - run["task_seconds"]) < 1e-6
         assert run["wall_seconds"] > 0 and run["task_seconds"] > 0

@@ -59,7 +59,7 @@ def test_total_passes_are_within_1_2x_of_the_minimum(core_four):
 def test_shared_extraction_is_one_forward_per_image_of_each_set(core_four):
     _, result, report = core_four
     sizes = report["image_sets"]
-    assert {"train", "val", "test", "ood:gaussian", "adv:fgsm:0.1", "adv:bim:0.1"} == set(sizes)
+    assert {"train", "val", "test", "ood:gaussian", "adv:fgsm:0.1", "adv:bim:0.1", "shift:contrast-3"} == set(sizes)
     assert extraction(result) == {f"extract:{name}": {"forward": n, "forward_backward": 0} for name, n in sizes.items()}
     assert report["passes"]["groups"]["extraction"]["ratio"] == {"forward": 1.0, "forward_backward": None}
 

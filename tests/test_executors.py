@@ -148,7 +148,7 @@ def test_a_plugin_executor_that_runs_tasks_in_another_order_gives_the_same_rows(
     backwards = run_benchmark(_options(misbehaving, "msp,gmm", shared_cache, executor="backwards"), misbehaving)
     assert csv_text(results_frame(backwards.rows)) == csv_text(results_frame(inline.rows))
     labels = [t["label"] for t in backwards.meta["executor"]["per_task"]]
-    assert labels[:2] == ["classifier seed 0", "extract train seed 0"] and labels[-1] == "gmm on adv:bim:0.2:all seed 0"
+    assert labels[:2] == ["classifier seed 0", "extract train seed 0"] and labels[-1] == "gmm on mistakes:contrast-3 seed 0"
 
 
 def test_dask_reruns_a_task_whose_worker_died(registry, misbehaving, shared_cache, tmp_path):
@@ -175,11 +175,13 @@ def test_the_plan_is_made_before_any_data_is_loaded(misbehaving, tmp_path, monke
     tasks = make_plan(Job(options, misbehaving))
     bench = options.benchmark
     sources = ["mistakes", *(f"ood:{r.name}" for r in bench.ood),
-               *(f"adv:{a.plugin}:{e:g}:{w}" for a in bench.attacks for e in a.eps for w in ("flipped", "all"))]
-    assert len(sources) == 18
-    # Per seed: the classifier; train, val, test and each OOD set extracted; each (attack, eps); the sources;
+               *(f"adv:{a.plugin}:{e:g}:{w}" for a in bench.attacks for e in a.eps for w in ("flipped", "all")),
+               "shift:contrast-3", "mistakes:contrast-3"]  # the covariate-shift plugin's two readings
+    assert len(sources) == 20
+    # Per seed: the classifier; train, val, test, each OOD set and the shifted test set extracted; each
+    # (attack, eps); the sources;
     # msp and gmm store their fits (fit, then one evaluate per source); quitter stores none (one detector task).
-    assert summary(tasks) == {"classifier": 3, "extract": 3 * (3 + len(bench.ood)), "attack": 3 * 6, "sources": 3,
+    assert summary(tasks) == {"classifier": 3, "extract": 3 * (3 + len(bench.ood) + 1), "attack": 3 * 6, "sources": 3,
                               "fit": 3 * 2, "evaluate": 3 * 2 * len(sources), "detector": 3}
     assert [t.source for t in tasks if t.kind == "evaluate" and t.seed == 1 and t.detector == "gmm"] == sources
     by_key = {t.key: t for t in tasks}
@@ -245,10 +247,10 @@ def test_plan_prints_tasks_per_kind_and_what_the_store_has(registry, shared_cach
              if line.startswith(("classifier ", "sources ", "fit ", "evaluate "))}
     # At least seed 0's tasks and msp's are in the store (other tests of the session may have run more).
     assert table["classifier"][0] == "3" and table["sources"][0] == "3" and table["fit"][0] == "6"
-    assert table["evaluate"][0] == str(6 * 18)
+    assert table["evaluate"][0] == str(6 * 20)
     assert 1 <= int(table["classifier"][1]) <= 3 and 1 <= int(table["sources"][1]) <= 3
-    assert 1 <= int(table["fit"][1]) <= 6 and 18 <= int(table["evaluate"][1]) <= 6 * 18
-    assert f"-> {3 * (1 + 8 + 6 + 1 + 2 + 2 * 18)} tasks" in printed.stdout
+    assert 1 <= int(table["fit"][1]) <= 6 and 20 <= int(table["evaluate"][1]) <= 6 * 20
+    assert f"-> {3 * (1 + 9 + 6 + 1 + 2 + 2 * 20)} tasks" in printed.stdout
 
 
 def test_plan_keys_follow_the_datas_content_not_its_folder(registry, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oodbench.leaderboard import csv_text, merge_frames, pivot_table, read_results, results_frame, validate_frame
+from oodbench.leaderboard import ADDED_IN, csv_text, merge_frames, pivot_table, read_results, results_frame, validate_frame
 from oodbench.metrics import compute_all, row_entropy
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "leaderboards" / "digits" / "results.csv"
@@ -19,6 +19,12 @@ PUBLISHED = Path(__file__).resolve().parents[1] / "leaderboards" / "digits" / "r
 @pytest.fixture(scope="module")
 def published() -> pd.DataFrame:
     return read_results(PUBLISHED)
+
+
+@pytest.fixture(scope="module")
+def published_v2(published) -> pd.DataFrame:
+    """The published rows as schema version 2 wrote them: without the columns version 3 added."""
+    return published.drop(columns=[c for c, version in ADDED_IN.items() if version == 3]).assign(schema_version="2")
 
 
 @pytest.mark.parametrize("folder", sorted(p.parent.name for p in PUBLISHED.parents[1].glob("*/results.csv")))
@@ -43,16 +49,16 @@ def test_every_kind_of_problem_is_reported_with_row_and_column(published):
     assert validate_frame(published.drop(columns=["auroc"]), "g.csv") == ["g.csv: missing columns: auroc"]
 
 
-def test_schema_1_files_stay_valid_and_schema_2_needs_model_weights(published):
-    assert set(published["schema_version"]) == {"2"} and published["model_weights"].str.startswith("sha256:").all()
-    old = published.drop(columns=["model_weights"]).assign(schema_version="1")
+def test_schema_1_files_stay_valid_and_schema_2_needs_model_weights(published_v2):
+    assert set(published_v2["schema_version"]) == {"2"} and published_v2["model_weights"].str.startswith("sha256:").all()
+    old = published_v2.drop(columns=["model_weights"]).assign(schema_version="1")
     assert validate_frame(old, "v1.csv") == []
-    assert validate_frame(published.drop(columns=["model_weights"]), "v2.csv") == ["v2.csv: missing columns: model_weights"]
-    mixed = pd.concat([old.iloc[1:], published.head(1)], ignore_index=True)  # v1 rows lack it, the v2 row has it
+    assert validate_frame(published_v2.drop(columns=["model_weights"]), "v2.csv") == ["v2.csv: missing columns: model_weights"]
+    mixed = pd.concat([old.iloc[1:], published_v2.head(1)], ignore_index=True)  # v1 rows lack it, the v2 row has it
     assert validate_frame(mixed, "mixed.csv") == []
-    future = published.head(1).assign(schema_version="4")
+    future = published_v2.head(1).assign(schema_version="4")
     assert validate_frame(future, "f.csv") == ["f.csv:row 2: schema_version: unsupported schema version '4'"]
-    assert validate_frame(published.head(1).assign(schema_version="3"), "f.csv")[0].startswith(
+    assert validate_frame(published_v2.head(1).assign(schema_version="3"), "f.csv")[0].startswith(
         "f.csv: missing columns: mannwhitney_p_greater, aurc, e_aurc")
 
 
@@ -68,14 +74,14 @@ def _schema_3(published: pd.DataFrame) -> pd.DataFrame:
     return pd.read_csv(io.StringIO(csv_text(results_frame(rows))), dtype=str, keep_default_na=False)
 
 
-def test_schema_3_rows_validate_and_merge_with_schema_2(published):
+def test_schema_3_rows_validate_and_merge_with_schema_2(published, published_v2):
     v3 = _schema_3(published)
     assert validate_frame(v3, "v3.csv") == []
     mistakes, ood = v3.iloc[0], v3.iloc[1]
     assert mistakes["small_sample"] == "True" and ood["small_sample"] == "False"  # 12 errors < 30 <= 40
     assert mistakes["aurc"] and mistakes["aurc_ci_low"] and not ood["aurc"] and not ood["coverage_at_95acc"]
     assert float(mistakes["auroc_ci_low"]) <= float(mistakes["auroc"]) <= float(mistakes["auroc_ci_high"])
-    merged = merge_frames([published.head(3), v3])  # v2 rows leave the new columns empty
+    merged = merge_frames([published_v2.head(3), v3])  # v2 rows leave the new columns empty
     assert validate_frame(merged, "m.csv") == []
     bad = v3.copy()
     bad.loc[1, "aurc"] = "0.2"
@@ -160,7 +166,7 @@ def test_show_marks_the_best_and_has_every_format(published):
     assert table.splitlines()[0].startswith("| source")
     assert "**" in table and "±" in table
     assert pivot_table(published, "auroc", "html").startswith("<table>")
-    assert pivot_table(published, "fpr_at_95tpr", "csv").splitlines()[0].startswith("source,gmm")
+    assert pivot_table(published, "fpr_at_95tpr", "csv").splitlines()[0].startswith("source,ash-b")
 
 
 def test_cli_validate_exit_codes(tmp_path):

@@ -27,7 +27,8 @@ def _options(registry, detectors: str, cache: Path | None, **kw) -> RunOptions:
 
 
 EXPECTED_SOURCES = {"mistakes", "ood:gaussian", "ood:uniform", "ood:hflip", "ood:vflip", "ood:natural-patches",
-                    *(f"adv:{a}:{e}:{s}" for a in ("fgsm", "bim") for e in ("0.05", "0.1", "0.2") for s in ("flipped", "all"))}
+                    *(f"adv:{a}:{e}:{s}" for a in ("fgsm", "bim") for e in ("0.05", "0.1", "0.2") for s in ("flipped", "all")),
+                    "shift:contrast-3", "mistakes:contrast-3"}
 
 
 def test_default_run_gives_every_row_with_finite_metrics(registry, shared_cache):
@@ -59,6 +60,7 @@ def test_gpu_speed_options_leave_cpu_results_unchanged(registry, shared_cache):
     assert 0 < extract["network_share"] <= 1 and extract["images_per_second"] > 0
 
 
+@pytest.mark.slow  # every installed detector (36) on every source: in CI's second step (python -m pytest -m slow)
 def test_every_installed_detector_is_finite_on_every_source(registry, shared_cache):
     names = ",".join(registry.names("detectors"))
     result = run_benchmark(_options(registry, names, shared_cache), registry)

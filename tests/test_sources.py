@@ -21,7 +21,7 @@ def fake_registry():
 
 def _with_sources(registry, cache, *refs):
     opts = _options(registry, "msp", cache)
-    return replace(opts, benchmark=replace(opts.benchmark, extra_sources=refs))
+    return replace(opts, benchmark=replace(opts.benchmark, extra_sources=(*opts.benchmark.extra_sources, *refs)))
 
 
 def test_a_third_party_source_makes_rows_and_a_broken_one_costs_only_its_own(fake_registry, registry, shared_cache):

@@ -42,7 +42,7 @@ def test_installed_package_lands_on_the_leaderboard(installed, tmp_path, shared_
     assert done.returncode == 0, done.stderr
     rows = pd.read_csv(tmp_path / "results.csv")
     energy = rows[rows["detector"] == "energy-example"]
-    assert len(energy) == 18 and (energy["status"] == "ok").all()
+    assert len(energy) == 20 and (energy["status"] == "ok").all()
     assert set(energy["detector_plugin"]) == {"oodbench-energy"}
     # the same score as the built-in energy, so the same numbers on every source
     builtin = rows[rows["detector"] == "energy"]

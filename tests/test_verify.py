@@ -86,7 +86,7 @@ def published_msp(tmp_path_factory, shared_cache):
 def test_verify_passes_on_an_honest_folder_and_fails_on_a_tampered_row(published_msp, shared_cache, tmp_path):
     done = run_cli("leaderboard", "verify", str(published_msp), "--cache-dir", str(shared_cache), "-q")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "18 of 18 rows hold (18 exactly" in done.stdout
+    assert "20 of 20 rows hold (20 exactly" in done.stdout
     tampered = tmp_path / "tampered"
     shutil.copytree(published_msp, tampered)
     frame = pd.read_csv(tampered / "results.csv", dtype=str, keep_default_na=False)
@@ -97,7 +97,7 @@ def test_verify_passes_on_an_honest_folder_and_fails_on_a_tampered_row(published
     assert done.returncode == 1
     line = next(line for line in done.stdout.splitlines() if "ood:uniform" in line)
     assert "FAIL" in line and "0.05" in line
-    assert "17 of 18 rows hold" in done.stdout
+    assert "19 of 20 rows hold" in done.stdout
 
 
 def test_verify_refuses_a_changed_benchmark_and_bad_requests_before_any_work(published_msp, tmp_path):
@@ -126,4 +126,4 @@ def test_published_digits_rows_verify_here(shared_cache):
     done = run_cli("leaderboard", "verify", str(PUBLISHED / "digits"), "--rows", "detector=msp", "--rows", "seed=1",
                    "--cache-dir", str(shared_cache), "-q")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "18 of 18 rows hold" in done.stdout
+    assert "20 of 20 rows hold" in done.stdout
