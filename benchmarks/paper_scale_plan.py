@@ -146,9 +146,12 @@ class Setting:
         self.steps = {}
         for ref in bench.attacks:
             options = resolve_options(registry.get("attacks", ref.plugin), ref.options)
+            attack = registry.get("attacks", ref.plugin).target(**options)
             for eps in ref.eps:
                 self.sets[f"adv:{ref.plugin}:{eps:g}"] = attacked
-                self.steps[f"adv:{ref.plugin}:{eps:g}"] = options.get("steps", 1)
+                # BIM's Kurakin schedule sets its steps from eps (gradient_sign.BIM.schedule_for)
+                steps = attack.schedule_for(eps)[0] if hasattr(attack, "schedule_for") else options.get("steps", 1)
+                self.steps[f"adv:{ref.plugin}:{eps:g}"] = steps
         network = registry.get("models", self.model).target(**model_options).build(
             (3, 32, 32), 100 if self.dataset == "cifar100" else 10, seed=0)
         self.classes = 100 if self.dataset == "cifar100" else 10

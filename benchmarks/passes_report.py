@@ -8,7 +8,8 @@ against this minimum:
 * extraction: one forward per image of every set the run extracts (train, val, test, each
   OOD set, each adversarial set), sizes read by loading the sets through their plugins;
 * attacks, by definition: FGSM one forward+backward per attacked image, BIM and PGD
-  ``steps`` of them (``oodbench_plugins.attacks.gradient_sign``);
+  ``steps`` of them, BIM with ``schedule = "kurakin"`` ``kurakin_steps(eps)``
+  (``oodbench_plugins.attacks.gradient_sign``);
 * detectors that read only shared outputs (no ``"gradients"`` in ``needs``): nothing;
 * gradient detectors: their documented cost with every avoidable pass removed (``MINIMA``).
   Where a grid includes eps = 0, that point needs no pass of its own: x~ = x, whose outputs
@@ -41,6 +42,7 @@ from oodbench.cli import parse_detectors
 from oodbench.passes import core_minimum, passes_report
 from oodbench.plugins import Registry, build_registry, instantiate, resolve_options
 from oodbench.runner import RunOptions, RunResult, choose_device, image_requests, run_benchmark, source_plugins
+from oodbench_plugins.attacks.gradient_sign import kurakin_steps
 
 Counts = dict[str, int]
 
@@ -84,11 +86,12 @@ def scored_sets(seed_meta: dict[str, Any], uses: dict[str, tuple[str, ...]]) -> 
 
 
 # -- attacks ------------------------------------------------------------------------------
-#: forward+backward passes per attacked image, from the attack's resolved options
-ATTACK_STEPS: dict[str, Callable[[dict[str, Any]], int]] = {
-    "fgsm": lambda options: 1,
-    "bim": lambda options: options["steps"],
-    "pgd": lambda options: options["steps"],
+#: forward+backward passes per attacked image, from the attack's resolved options and eps (BIM's "kurakin"
+#: schedule takes its number of steps from eps)
+ATTACK_STEPS: dict[str, Callable[[dict[str, Any], float], int]] = {
+    "fgsm": lambda options, eps: 1,
+    "bim": lambda options, eps: kurakin_steps(eps) if options["schedule"] == "kurakin" else options["steps"],
+    "pgd": lambda options, eps: options["steps"],
 }
 
 
@@ -97,8 +100,9 @@ def attack_minimum(bench: Benchmark, registry: Registry, sizes: dict[str, int]) 
     for attack in bench.attacks:
         if attack.plugin not in ATTACK_STEPS:
             continue  # unknown attack: its minimum stays unknown
-        steps = ATTACK_STEPS[attack.plugin](resolve_options(registry.get("attacks", attack.plugin), attack.options))
+        options = resolve_options(registry.get("attacks", attack.plugin), attack.options)
         for eps in attack.eps:
+            steps = ATTACK_STEPS[attack.plugin](options, eps)
             out[f"attack:{attack.plugin}:{eps:g}"] = counts(forward_backward=steps * sizes[f"adv:{attack.plugin}:{eps:g}"])
     return out
 

@@ -111,3 +111,15 @@ def test_throughput_by_phase_adds_up_to_the_passes(core_four):
         assert 0 < entry["network_share"] <= 1
         assert entry["images_per_second"] == pytest.approx(images / entry["wall_seconds"])
     assert report["numerics"] == "fp32"
+
+
+def test_attack_minimum_follows_bims_schedule(registry):
+    """BIM's "kurakin" schedule (the paper benchmarks') spends min(255 eps + 4, 1.25 * 255 eps) steps, floored;
+    "fixed" (digits) its 10 steps at every eps. No run: the minimum comes from the benchmark file alone."""
+    for name, bim_steps in (("cifar10", {0.05: 15, 0.1: 29, 0.2: 55}), ("digits", {0.05: 10, 0.1: 10, 0.2: 10})):
+        bench = load_benchmark(registry.get("benchmarks", name).target)
+        sizes = {f"adv:{a.plugin}:{eps:g}": 7 for a in bench.attacks for eps in a.eps}
+        minimum = passes_report.attack_minimum(bench, registry, sizes)
+        fgsm = {f"attack:fgsm:{e:g}": {"forward": 0, "forward_backward": 7} for e in bim_steps}
+        bim = {f"attack:bim:{e:g}": {"forward": 0, "forward_backward": 7 * n} for e, n in bim_steps.items()}
+        assert minimum == {**fgsm, **bim}

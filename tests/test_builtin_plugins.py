@@ -1,4 +1,5 @@
 """Built-in datasets, model and attacks on small inputs, each against a known answer."""
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch.nn as nn
 from oodbench.api import DatasetContext, ImageSet, MissingDataError
 from oodbench.classifier import ClassifierHandle
 from oodbench.benchmark import BenchmarkError, load_benchmark
-from oodbench.plugins import instantiate
+from oodbench.plugins import OptionError, UnknownPluginError, instantiate, resolve_options
 
 CTX = dict(seed=0, data_dir=Path("."))
 
@@ -109,6 +110,142 @@ def test_bim_and_pgd_stay_in_the_ball_and_succeed_more_with_eps(registry):
     assert rates[0] < rates[1] < rates[2] and rates[2] > 0.5
     assert rates[3] < rates[4] < rates[5]
 
+
+
+# -- BIM's step schedules (issue 20 item 12) ----------------------------------------------
+def record_iterates(monkeypatch, registry) -> list:
+    """Patch the attacks' gradient so that each call records the iterate x_t it is taken at."""
+    module = sys.modules[registry.get("attacks", "bim").target.__module__]
+    seen, gradient = [], module._gradient
+
+    def recording(model, x, y):
+        seen.append(x.detach().clone())
+        return gradient(model, x, y)
+
+    monkeypatch.setattr(module, "_gradient", recording)
+    return seen
+
+
+def linear_setup(n=8, seed=1):
+    net = Linear()
+    x = torch.rand(n, 1, 4, 4, generator=torch.Generator().manual_seed(seed)) * 0.5 + 0.25  # interior: no [0, 1] clip
+    return net, ClassifierHandle(net, torch.device("cpu")), x, torch.arange(n) % 3
+
+
+# Kurakin et al.: min(E + 4, 1.25 E) iterations, E = 255 eps in 0-255 units, integer part, at least one.
+@pytest.mark.parametrize("eps, steps", [
+    (0.05, 15),      # E = 12.75: min(16.75, 15.9375)
+    (0.1, 29),       # E = 25.5: min(29.5, 31.875)
+    (0.2, 55),       # E = 51: min(55, 63.75)
+    (8 / 255, 10),   # E = 8: min(12, 10)
+    (16 / 255, 20),  # E = 16: min(20, 20)
+    (2 / 255, 2),    # E = 2: min(6, 2.5)
+    (0.01, 3),       # E = 2.55: min(6.55, 3.1875)
+    (1 / 255, 1),    # E = 1: min(5, 1.25)
+    (0.001, 1),      # E = 0.255: min(4.255, 0.319) floors to 0; one step at least
+])
+def test_bim_kurakin_schedule_takes_the_papers_step_count(registry, eps, steps):
+    net, handle, x, y = linear_setup(n=4)
+    attack = instantiate(registry.get("attacks", "bim"), {"schedule": "kurakin"})
+    assert attack.schedule_for(eps) == (steps, 1 / 255)
+    attack.perturb(handle, x, y, eps, torch.Generator())
+    assert handle.passes["other"]["forward_backward"] == steps * 4  # one gradient per step and image
+
+
+@pytest.mark.parametrize("options, eps, steps, alpha", [
+    ({"schedule": "kurakin"}, 0.05, 15, 1 / 255),
+    ({}, 0.05, 10, 0.05 / 4),  # the fixed default: 10 steps of eps * 2.5 / 10
+    ({"schedule": "fixed", "steps": 4, "step_ratio": 1.0}, 0.1, 4, 0.1 / 4),
+])
+def test_bim_steps_are_alpha_sized_and_stay_in_the_ball(registry, monkeypatch, options, eps, steps, alpha):
+    net, handle, x, y = linear_setup()
+    seen = record_iterates(monkeypatch, registry)
+    adv = instantiate(registry.get("attacks", "bim"), options).perturb(handle, x, y, eps, torch.Generator())
+    assert len(seen) == steps and torch.equal(seen[0], x)
+    iterates = seen + [adv]
+    for before, after in zip(iterates, iterates[1:]):
+        assert (after - before).abs().max() <= alpha + 1e-6  # every pixel moves by at most alpha per step
+        assert (after - x).abs().max() <= eps + 1e-6 and after.min() >= 0 and after.max() <= 1
+    # The first step is exactly alpha * sign(d CE / dx), with d CE / dx = W^T (softmax(Wx + b) - onehot(y)):
+    # alpha < eps and x in [0.25, 0.75], so nothing is clipped yet.
+    with torch.no_grad():
+        p = torch.softmax(net.fc(x.flatten(1)), 1) - nn.functional.one_hot(y, 3)
+        sign = (p @ net.fc.weight).sign().view_as(x)
+    assert (sign != 0).all()
+    first = iterates[1] - x
+    assert torch.allclose(first, alpha * sign, atol=1e-6)
+    assert torch.allclose(first.abs(), torch.full_like(x, alpha), atol=1e-6)
+
+
+def test_bim_kurakin_stays_in_the_ball_and_in_range_near_the_edges(registry):
+    net = Linear()
+    handle = ClassifierHandle(net, torch.device("cpu"))
+    x = torch.rand(200, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    x[:20] = x[:20].round()  # some pixels exactly at 0 and 1
+    with torch.no_grad():
+        y = net.fc(x.flatten(1)).argmax(1)
+    attack = instantiate(registry.get("attacks", "bim"), {"schedule": "kurakin"})
+    rates = []
+    for eps in (0.02, 0.1, 0.3):
+        adv = attack.perturb(handle, x, y, eps, torch.Generator())
+        assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+        with torch.no_grad():
+            rates.append((net.fc(adv.flatten(1)).argmax(1) != y).float().mean().item())
+    assert rates[0] < rates[1] < rates[2]
+
+
+def old_bim(model, images, labels, eps, steps=10, step_ratio=2.5):
+    """BIM as it was before the schedules: the reference the "fixed" schedule must keep reproducing."""
+    def loss(logits, _, labels):
+        return nn.functional.cross_entropy(logits, labels, reduction="none")
+
+    alpha = eps * step_ratio / steps
+    adv = images.clone()
+    for _ in range(steps):
+        adv = adv + alpha * model.input_gradient(adv, loss, targets=labels).sign()
+        adv = torch.min(torch.max(adv, images - eps), images + eps).clamp_(0.0, 1.0)
+    return adv
+
+
+def test_bim_fixed_schedule_is_unchanged(registry):
+    net = Linear()
+    handle = ClassifierHandle(net, torch.device("cpu"))
+    x = torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    y = torch.arange(16) % 3
+    entry = registry.get("attacks", "bim")
+    for eps in (0.02, 0.1):
+        expected = old_bim(handle, x, y, eps)
+        for options in ({}, {"schedule": "fixed"}, {"steps": 10, "step_ratio": 2.5, "schedule": "fixed"}):
+            assert torch.equal(instantiate(entry, options).perturb(handle, x, y, eps, torch.Generator()), expected)
+        assert torch.equal(instantiate(entry, {"steps": 3, "step_ratio": 1.5}).perturb(handle, x, y, eps, None),
+                           old_bim(handle, x, y, eps, steps=3, step_ratio=1.5))
+    # The default options stay what they were, plus the schedule; PGD's are untouched (same cache keys).
+    assert resolve_options(entry, {}) == {"steps": 10, "step_ratio": 2.5, "schedule": "fixed"}
+    assert resolve_options(registry.get("attacks", "pgd"), {}) == {"steps": 10, "step_ratio": 2.5}
+
+
+def test_bim_schedule_options_are_validated(registry):
+    entry = registry.get("attacks", "bim")
+    with pytest.raises(OptionError, match="schedule"):
+        resolve_options(entry, {"schedule": "madry"})
+    with pytest.raises(OptionError, match="steps"):
+        resolve_options(entry, {"steps": 0})
+    with pytest.raises(ValueError, match="do not apply"):
+        instantiate(entry, {"schedule": "kurakin", "steps": 20})
+    with pytest.raises(UnknownPluginError, match="no option schedule"):
+        resolve_options(registry.get("attacks", "pgd"), {"schedule": "kurakin"})
+
+
+def test_paper_benchmarks_use_kurakins_bim_and_digits_keeps_the_fixed_one(registry):
+    def bim_options(path):
+        (ref,) = [a for a in load_benchmark(path).attacks if a.plugin == "bim"]
+        return resolve_options(registry.get("attacks", "bim"), ref.options)["schedule"]
+
+    for name in ("cifar10", "cifar10-wrn", "cifar100", "cifar100-wrn", "cifar100-te-wrn"):
+        assert bim_options(registry.get("benchmarks", name).target) == "kurakin", name
+    for name in ("digits", "digits-train"):  # published numbers: unchanged
+        assert bim_options(registry.get("benchmarks", name).target) == "fixed", name
+    assert bim_options(Path(__file__).resolve().parents[1] / "examples" / "cifar10-resnet20-npz.toml") == "fixed"
 
 def test_small_cnn_exposes_logits_and_features(registry):
     model = instantiate(registry.get("models", "small-cnn"), {"width": 4})
