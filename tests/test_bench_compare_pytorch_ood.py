@@ -4,23 +4,18 @@ Needs pytorch-ood (part of the ``test`` extra, or ``pip install -e ".[bench]"``)
 files in ``../shared`` beside the checkout (or ``$OODBENCH_SHARED_DIR``); skipped without either.
 The full comparison and its figures are in BENCHMARKS.md.
 """
-import os
 import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("pytorch_ood")
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("OODBENCH_SHARED_DIR", ROOT.parent / "shared"))
+from shared_files import ROOT, SHARED, needs_shared  # noqa: E402  (after the importorskip)
+
 NEEDED = ["data/cifar10_train_exact_first4000.npz", "data/cifar10_test_exact_first100.npz", "data/mnist_test.npz",
           "models/akamaster_resnet_cifar10/resnet20-12fca82f.th"]
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not all((SHARED / f).exists() for f in NEEDED), reason=f"real CIFAR-10 files not in {SHARED}"),
-]
+pytestmark = needs_shared(NEEDED)
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import compare_pytorch_ood  # noqa: E402  (a script folder, not a package)

@@ -5,8 +5,6 @@ files are absent. Nothing here special-cases these files: the benchmark is the s
 bring-your-own-data example.
 """
 import dataclasses
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,16 +13,12 @@ from oodbench.benchmark import load_benchmark
 from oodbench.cli import parse_detectors
 from oodbench.leaderboard import results_frame
 from oodbench.runner import RunOptions, run_benchmark
+from shared_files import ROOT, SHARED, needs_shared
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("OODBENCH_SHARED_DIR", ROOT.parent / "shared"))
 NEEDED = ["data/cifar10_train_exact_first4000.npz", "data/cifar10_test_jpeg.npz", "data/mnist_test.npz",
           "models/akamaster_resnet_cifar10/resnet20-12fca82f.th"]
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not all((SHARED / f).exists() for f in NEEDED), reason=f"real CIFAR-10 files not in {SHARED}"),
-]
+pytestmark = needs_shared(NEEDED)
 
 
 @pytest.fixture(scope="module")
