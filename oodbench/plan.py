@@ -27,7 +27,7 @@ import numpy as np
 
 from .cache import Cache, make_key
 from .plugins import instantiate, resolve_options
-from .runner import image_requests, source_plugins
+from .runner import ID_SPLITS, image_requests, source_cases, source_plugins
 from .tasks import Job, attack_seed, classifier_seed, detector_seed, evaluate_seed, extract_seed, fit_seed, prepare_seed
 
 
@@ -66,7 +66,7 @@ def make_plan(job: Job) -> list[Task]:
                     model=model_fingerprint(job))
     shared = make_key("prepare", benchmark=bench.sha256, versions=versions, data=data, device=opts.device.type,
                       batch=opts.batch_size, bf16=opts.bf16, channels_last=opts.channels_last, layers=layers)
-    names = [case.name for plugin in sources for case in plugin.cases()]
+    names = [case.name for _, case in source_cases(sources)]
     tasks: list[Task] = []
 
     def add(kind: str, part: dict[str, Any], label: str, fn: Callable[..., Any], args: tuple[Any, ...],
@@ -83,7 +83,7 @@ def make_plan(job: Job) -> list[Task]:
             loaded = [name for name, r in requests.items() if r.attack is None]
             warm = tuple(add("extract", {"set": name}, f"extract {name} seed {seed}", extract_seed,
                              (job, seed, name), (model.key,), seed, f"extract-{name}").key
-                         for name in ("train", "val", "test", *loaded))
+                         for name in (*ID_SPLITS, *loaded))
             warm += tuple(add("attack", {"set": name}, f"attack {r.attack} eps={r.eps:g} seed {seed}", attack_seed,
                               (job, seed, name), (model.key,), seed, f"attack-{r.attack}-{r.eps:g}").key
                           for name, r in requests.items() if r.attack is not None)

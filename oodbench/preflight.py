@@ -114,9 +114,10 @@ def check_plugins(registry, bench, seed: int) -> None:
         _check_plugin(registry, kind, name, options, None if kind == "models" else seed,
                       f"benchmark {bench.name}: {where}")
     from .plugins import instantiate
+    from .runner import image_requests
 
     for ref in bench.extra_sources:
-        for request in instantiate(registry.get("sources", ref.plugin), ref.options, seed).image_sets():
+        for request in image_requests([instantiate(registry.get("sources", ref.plugin), ref.options, seed)]).values():
             kind, name = ("attacks", request.attack) if request.attack is not None else ("datasets", request.dataset)
             _check_plugin(registry, kind, name, request.options, seed,
                           f"benchmark {bench.name}: sources.{ref.plugin} image set '{request.name}' ({kind[:-1]} "

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .api import (UNLABELED, DatasetContext, Detector, FailureSource, FitContext, Holdout, ImageRequest, ImageSet,
+from .api import (UNLABELED, Case, DatasetContext, Detector, FailureSource, FitContext, Holdout, ImageRequest, ImageSet,
                   PluginError, SourceContext, SplitView)
 from .benchmark import Benchmark
 from .cache import Cache, make_key
@@ -331,20 +331,19 @@ class SeedWork:
         ctx = SourceContext(self.seed, {name: view.predictions for name, view in views.items()}, labels,
                             self._attack_subset())
         sources: list[Source] = []
-        for plugin in self.source_plugins():
-            for case in plugin.cases():
-                kind = case.kind or plugin.kind
-                broken = [failed[name] for name in case.uses if name in failed]
-                try:
-                    if broken:
-                        raise broken[0]
-                    positives, negatives = plugin.carve(case, ctx)
-                    source = Source(case.name, kind, case.negatives_are,
-                                    Part(views[positives.images], np.asarray(positives.index, np.int64)),
-                                    Part(views[negatives.images], np.asarray(negatives.index, np.int64)))
-                except Exception as exc:
-                    source = _failed_source(case.name, kind, exc)
-                sources.append(source)
+        for plugin, case in source_cases(self.source_plugins()):
+            kind = case.kind or plugin.kind
+            broken = [failed[name] for name in case.uses if name in failed]
+            try:
+                if broken:
+                    raise broken[0]
+                positives, negatives = plugin.carve(case, ctx)
+                source = Source(case.name, kind, case.negatives_are,
+                                Part(views[positives.images], np.asarray(positives.index, np.int64)),
+                                Part(views[negatives.images], np.asarray(negatives.index, np.int64)))
+            except Exception as exc:
+                source = _failed_source(case.name, kind, exc)
+            sources.append(source)
         for source in sources:
             if source.kind != "error":
                 self._carve_holdout(source)
@@ -632,14 +631,34 @@ def source_plugins(registry: Registry, bench: Benchmark, seed: int = 0) -> list[
     return [instantiate(registry.get("sources", ref.plugin), ref.options, seed=seed) for ref in bench.sources]
 
 
+#: the in-distribution splits' image-set names, which no failure source may ask for
+ID_SPLITS = ("train", "val", "test")
+
+
+def _planned(plugin: FailureSource, method: str) -> list[Any]:
+    """``plugin.image_sets()`` or ``plugin.cases()``: what the plan is made of, before any data is read. A plugin
+    that fails here stops the run with one line naming it (no row could say which of its rows it meant)."""
+    try:
+        return list(getattr(plugin, method)())
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"failure source '{plugin.name}': {method}() failed: {_describe(exc)}") from exc
+
+
+def source_cases(plugins: list[FailureSource]) -> list[tuple[FailureSource, Case]]:
+    """Every (plugin, case) of ``plugins``, in row order."""
+    return [(plugin, case) for plugin in plugins for case in _planned(plugin, "cases")]
+
+
 def image_requests(plugins: list[FailureSource]) -> dict[str, ImageRequest]:
     """The image sets ``plugins`` need, by name, loaded ones first, then attacked ones, each in first-asked order.
 
     Two sources asking for one name share the set, which must then be the same request."""
     requests: dict[str, ImageRequest] = {}
     for plugin in plugins:
-        for request in plugin.image_sets():
-            if request.name in ("test", "train", "val"):
+        for request in _planned(plugin, "image_sets"):
+            if request.name in ID_SPLITS:
                 raise PluginError(f"source '{plugin.name}' asks for an image set named '{request.name}', the name "
                                   "of an in-distribution split")
             if requests.setdefault(request.name, request) != request:

@@ -33,7 +33,7 @@ import numpy as np
 from .cache import Cache, make_key
 from .plugins import Registry
 from .progress import Progress
-from .runner import PLUGIN_FAILURES, DetectorSpec, RunOptions, SeedWork
+from .runner import ID_SPLITS, PLUGIN_FAILURES, DetectorSpec, RunOptions, SeedWork
 from .runner import _describe as describe
 
 
@@ -137,7 +137,7 @@ def extract_seed(job: Job, seed: int, image_set: str, *_dependencies: Any) -> Ta
     _fresh_counters(work)
     accounting = _Accounting(work)
     try:
-        if image_set not in ("train", "val", "test"):
+        if image_set not in ID_SPLITS:
             work.requested_outputs(handle, model_key, work.requests()[image_set])
         else:
             images = work.id_split(image_set)

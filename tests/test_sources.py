@@ -51,3 +51,10 @@ def test_a_source_that_names_an_in_distribution_split_is_refused(fake_registry, 
     with pytest.raises(PluginError, match="name of an in-distribution split"):
         run_benchmark(opts, fake_registry)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.npz"))
+
+
+def test_a_source_whose_plan_breaks_stops_the_run_with_one_line_naming_it(fake_registry, tmp_path):
+    opts = _with_sources(fake_registry, tmp_path / "cache", PluginRef("broken-planning", {}))
+    with pytest.raises(PluginError, match=r"failure source 'broken-planning': image_sets\(\) failed: "
+                                          r"RuntimeError: image_sets broke"):
+        run_benchmark(opts, fake_registry)

@@ -57,8 +57,24 @@ class NamesATestSplit(FailureSource):
         raise AssertionError("never reached")
 
 
+class BrokenPlanning(FailureSource):
+    """A bug in ``image_sets``, which the plan calls before any data is read: one line naming the source."""
+
+    name = "broken-planning"
+    kind = "ood"
+
+    def image_sets(self) -> list[ImageRequest]:
+        raise RuntimeError("image_sets broke")
+
+    def cases(self) -> list[Case]:
+        return [Case("broken-planning", "nothing")]
+
+    def carve(self, case: Case, ctx: SourceContext) -> tuple[Side, Side]:
+        raise AssertionError("never reached")
+
+
 class FakeSources:
     @hookimpl
     def oodbench_register_sources(self, register):
-        for source in (EveryOtherImage, BrokenCarving, NamesATestSplit):
+        for source in (EveryOtherImage, BrokenCarving, NamesATestSplit, BrokenPlanning):
             register(source)
