@@ -565,10 +565,15 @@ class Case:
 
 @dataclass(frozen=True)
 class Side:
-    """Positives or negatives of a source: rows ``index`` of image set ``images``."""
+    """Positives or negatives of a source: rows ``index`` of image set ``images``.
+
+    ``pairs`` (optional, one id per row, on both sides): inputs that share an id are one pair, e.g.
+    a clean test image and its adversarial or corrupted version. The core's holdout then takes a
+    pair whole or not at all, so no detector tunes on one member and is scored on the other."""
 
     images: str
     index: np.ndarray
+    pairs: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,8 @@ class Source:
     negatives: Part
     holdout_positives: Part | None = None
     holdout_negatives: Part | None = None
+    #: each side's pair ids when the source is made of pairs (``Side.pairs``): the holdout keeps pairs whole
+    pairs: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def n_holdout(self) -> int:
@@ -341,6 +343,8 @@ class SeedWork:
                 source = Source(case.name, kind, case.negatives_are,
                                 Part(views[positives.images], np.asarray(positives.index, np.int64)),
                                 Part(views[negatives.images], np.asarray(negatives.index, np.int64)))
+                if positives.pairs is not None and negatives.pairs is not None:
+                    source.pairs = (np.asarray(positives.pairs, np.int64), np.asarray(negatives.pairs, np.int64))
             except Exception as exc:
                 source = _failed_source(case.name, kind, exc)
             sources.append(source)
@@ -358,13 +362,33 @@ class SeedWork:
         return self.id_split("test").subset(self._attack_subset())
 
     def _carve_holdout(self, source: Source) -> None:
-        """Move a seeded random part of each side into a holdout that no row evaluates on."""
+        """Move a seeded random part of each side into a holdout that no row evaluates on.
+
+        The holdout keeps its random order, so a detector that splits it in two (the Mahalanobis
+        ensemble fits on one half and picks eps on the other) gets two random halves even of a
+        class-sorted test set; the evaluated rest is sorted. A source of pairs holds out whole
+        pairs, chosen among the positives: a clean image and its adversarial (or corrupted) version
+        are both tuned on or both evaluated, never split between the two.
+        """
         rng = np.random.default_rng([self.seed, *source.name.encode()])
-        split = []
-        for part in (source.positives, source.negatives):
-            n = min(self.bench.holdout_size, int(self.bench.holdout_fraction * len(part)))
-            order = rng.permutation(len(part))
-            split.append((part.take(np.sort(order[:n])), part.take(np.sort(order[n:]))))
+        positives, negatives = source.positives, source.negatives
+        if source.pairs is None:
+            split = []
+            for part in (positives, negatives):
+                n = min(self.bench.holdout_size, int(self.bench.holdout_fraction * len(part)))
+                order = rng.permutation(len(part))
+                split.append((part.take(order[:n]), part.take(np.sort(order[n:]))))
+        else:
+            n = min(self.bench.holdout_size, int(self.bench.holdout_fraction * len(positives)))
+            order = rng.permutation(len(positives))
+            held_pairs = source.pairs[0][order[:n]]  # in their random order
+            rank = dict(zip(held_pairs.tolist(), range(n)))
+            negative_ids = source.pairs[1].tolist()
+            held = sorted((i for i, pair in enumerate(negative_ids) if pair in rank), key=lambda i: rank[negative_ids[i]])
+            held_negatives = np.asarray(held, np.int64)
+            split = [(positives.take(order[:n]), positives.take(np.sort(order[n:]))),
+                     (negatives.take(held_negatives),
+                      negatives.take(np.setdiff1d(np.arange(len(negatives)), held_negatives)))]
         (source.holdout_positives, source.positives), (source.holdout_negatives, source.negatives) = split
 
     # -- detectors ---------------------------------------------------------------------

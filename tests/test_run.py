@@ -244,3 +244,33 @@ def test_a_detector_that_writes_into_shared_arrays_fails_alone(registry, shared_
     mine = frame.loc["msp"].reset_index()
     assert mine[["source", "auroc", "fpr_at_95tpr"]].equals(clean[["source", "auroc", "fpr_at_95tpr"]])
 
+
+
+def test_holdouts_are_random_in_order_and_keep_pairs_whole(registry, shared_cache):
+    """Issue 20 item 10: a holdout is in its seeded random order (so each half of it spans the classes even of
+    a class-sorted test set), the evaluated rest sorted; on adversarial and covariate-shift sources a clean
+    image and its attacked or corrupted version are both held out or both evaluated."""
+    from oodbench.cache import Cache
+    from oodbench.progress import Progress
+    from oodbench.runner import SeedWork
+
+    work = SeedWork(_options(registry, "msp", shared_cache), registry, Cache(shared_cache), Progress(enabled=False), 0)
+    sources = {s.name: s for s in work.prepare().sources}
+    test_labels = work.id_split("test").y
+    for source in sources.values():
+        for held, rest in ((source.holdout_positives, source.positives), (source.holdout_negatives, source.negatives)):
+            assert not set(held.index) & set(rest.index), source.name
+            assert (np.diff(rest.index) > 0).all(), "the evaluated rest is sorted"
+    held = sources["ood:gaussian"].holdout_positives.index
+    assert len(held) > 20 and not (np.diff(held) > 0).all(), "the holdout keeps its random order"
+    assert set(test_labels[held[: len(held) // 2]]) == set(test_labels), "a half of the holdout spans every class"
+    for name in ("adv:fgsm:0.1:all", "adv:bim:0.2:flipped", "shift:contrast-3"):
+        source = sources[name]
+        # clean image i is test image i; its attacked (corrupted) version is row i of that image set
+        held_clean, held_changed = set(source.holdout_positives.index), set(source.holdout_negatives.index)
+        assert held_changed <= held_clean, f"{name}: a changed image is held out without its clean image"
+        assert not set(source.negatives.index) & held_clean, f"{name}: a pair is split between tuning and rows"
+        if not name.endswith(":flipped"):
+            assert list(source.holdout_negatives.index) == list(source.holdout_positives.index), "pairs in one order"
+    flipped = sources["adv:bim:0.2:flipped"]
+    assert 0 < len(flipped.holdout_negatives) < len(flipped.holdout_positives)

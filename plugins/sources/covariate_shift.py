@@ -60,4 +60,5 @@ class CovariateShift(FailureSource):
             correct = ctx.predictions[shifted] == labels
             return Side(shifted, np.flatnonzero(correct)), Side(shifted, np.flatnonzero(~correct))
         everything = np.arange(len(ctx.predictions["test"]))
-        return Side("test", everything), Side(shifted, everything)
+        # Shifted image i is test image i corrupted: the pair is held out whole or not at all
+        return Side("test", everything, pairs=everything), Side(shifted, everything, pairs=everything)

@@ -85,8 +85,9 @@ class Adversarial(FailureSource):
 
     def carve(self, case: Case, ctx: SourceContext) -> tuple[Side, Side]:
         subset, attacked = ctx.attack_subset, case.uses[1]
-        clean = Side("test", subset)
+        # Attacked image i is the attack of clean image subset[i]: pair id i on both sides
+        clean = Side("test", subset, pairs=np.arange(len(subset)))
         if case.name.endswith(":all"):
-            return clean, Side(attacked, np.arange(len(subset)))
+            return clean, Side(attacked, np.arange(len(subset)), pairs=np.arange(len(subset)))
         flipped = np.flatnonzero(ctx.predictions[attacked] != ctx.predictions["test"][subset])
-        return clean, Side(attacked, flipped)
+        return clean, Side(attacked, flipped, pairs=flipped)
