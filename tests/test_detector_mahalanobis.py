@@ -144,3 +144,13 @@ def test_fit_picks_epsilon_on_clean_vs_fgsm_validation():
     assert detector.epsilon == best
     for e, fpr in fprs.items():
         assert detector.val_fpr95[str(e)] == pytest.approx(fpr, abs=1e-12)
+
+
+def test_default_noise_grid_is_the_authors():
+    """Issue 20 item 11: both Mahalanobis detectors search the noise magnitudes of Lee et al.'s
+    OOD_Generate_Mahalanobis.py / OOD_Regression_Mahalanobis.py, and nothing wider."""
+    from oodbench_plugins.detectors.mahalanobis_ensemble import MahalanobisEnsemble
+
+    authors = [0.0, 0.01, 0.005, 0.002, 0.0014, 0.001, 0.0005]  # the scripts' m_list, in their order
+    assert MahalanobisPreprocessed().epsilons == tuple(sorted(authors))
+    assert MahalanobisEnsemble().epsilons == tuple(sorted(authors))

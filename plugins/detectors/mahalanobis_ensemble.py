@@ -16,12 +16,12 @@ from threadpoolctl import threadpool_limits
 
 from oodbench.api import Classifier, Detector, FitContext, Holdout, PluginError, SplitView, fpr_at_tpr
 
-from .mahalanobis import closest_distance_torch, fit_tied_gaussian, min_distance
+from .mahalanobis import LEE_EPSILONS, closest_distance_torch, fit_tied_gaussian, min_distance
 from .odin import fgsm
 from .stored import classifier_of, under_prefix, with_prefix
 
-#: The noise magnitudes of the authors' regression script (pixel space).
-ENSEMBLE_EPSILONS = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)
+#: The noise magnitudes of the authors' scripts (pixel space), the same grid as ``mahalanobis-pre``'s.
+ENSEMBLE_EPSILONS = LEE_EPSILONS
 #: Fewest held-out inputs per side to tune on: each half must feed a 5-fold cross-validation.
 MIN_HOLDOUT_PER_SIDE = 10
 #: The authors' FGSM magnitude for validation without OOD data (pixel space).
