@@ -13,11 +13,11 @@ from typing import Any
 
 from . import __version__, preflight
 from .cache_cli import add_parser as add_cache_parser
+from .metrics import METRICS
 
 EXIT_USAGE = 2
 #: 128 + SIGPIPE: what a shell reports for a tool that its reader stopped reading (``... | head``).
 EXIT_BROKEN_PIPE = 141
-METRICS = ("auroc", "aupr_in", "aupr_out", "fpr_at_95tpr", "detection_error", "mannwhitney_p")
 #: OSErrors that mean a path given by the user is wrong (exit 2), not that the machine failed (exit 1).
 _BAD_PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
                     errno.ENAMETOOLONG, errno.EEXIST, errno.ELOOP, errno.EINVAL}
@@ -473,8 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=cmd_leaderboard_verify)
     show = board_sub.add_parser("show", help="detectors x sources table of one metric, mean ± std over seeds")
     show.add_argument("file")
-    show.add_argument("--metric", default="auroc", choices=["auroc", "aupr_in", "aupr_out", "fpr_at_95tpr",
-                                                              "detection_error", "mannwhitney_p"])
+    show.add_argument("--metric", default="auroc", choices=METRICS)
     show.add_argument("--format", default="github", choices=["github", "markdown", "csv", "html"])
     show.set_defaults(func=cmd_leaderboard_show)
 

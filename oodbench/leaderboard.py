@@ -35,7 +35,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from .cache import atomic_write
-from .metrics import CI_METRICS, INTERVALS, LOWER_IS_BETTER, METRICS, MISTAKES_ONLY, SMALL_SAMPLE
+from .metrics import CI_METRICS, INTERVALS, LOWER_IS_BETTER, METRICS, MISTAKES_ONLY, RULE_METRICS, SMALL_SAMPLE
 
 KEY_COLUMNS = ["benchmark", "model", "detector", "source", "seed"]
 RESULT_COLUMNS = [
@@ -46,13 +46,15 @@ RESULT_COLUMNS = [
     "benchmark_sha256", "model_weights", "device", "oodbench_version",
 ]
 #: The schema ``results_frame`` writes; ``validate_frame`` also reads the versions before it.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Columns each schema version added, which files of an earlier version do not have. Version 3 also
 #: changed two meanings: ``detection_error`` is the minimum over thresholds (was: at 95% TPR) and
-#: ``mannwhitney_p`` two-sided (was: one-sided, now ``mannwhitney_p_greater``).
+#: ``mannwhitney_p`` two-sided (was: one-sided, now ``mannwhitney_p_greater``). Version 4 added the
+#: per-sample decision rule's operating point (``metrics.RULE_METRICS``).
 ADDED_IN = {"model_weights": 2,
             **{c: 3 for c in ("mannwhitney_p_greater", "aurc", "e_aurc", "augrc", "coverage_at_95acc",
-                              *INTERVALS, "small_sample")}}
+                              *INTERVALS, "small_sample")},
+            **{c: 4 for c in RULE_METRICS}}
 SUMMARY_KEYS = ["benchmark", "model", "detector", "source"]
 SCORES_FILE = "scores.npz"
 #: How CSV files write floats: 6 significant digits, so files diff well and read back the same everywhere.
@@ -615,6 +617,8 @@ def _row_problems(record: dict[str, str], present: list[str]) -> Iterator[tuple[
             why = f"not part of schema version {version}"
         elif metric in MISTAKES_ONLY and record.get("source_kind", record["source"]) != "mistakes":
             why = "only sources of kind mistakes have it"
+        elif metric in RULE_METRICS and not record[metric]:
+            continue  # undefined with fewer than 2 inputs on a side; the precision, where nothing is rejected
         else:
             why = ""
         message = _metric_problem(record[metric], status, why)

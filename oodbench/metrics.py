@@ -8,7 +8,8 @@ which one it follows (``detection_error``, ``fpr_at_tpr``, ``mannwhitney_p``). O
 ``mistakes`` source the positives are the correct predictions and the negatives the errors, so
 the selective-classification metrics (``aurc``, ``e_aurc``, ``augrc``, ``coverage_at_accuracy``)
 apply there and only there. ``bootstrap_intervals`` gives seeded, stratified percentile
-intervals of AUROC, FPR at 95% TPR, AUPR-In and (on mistakes) AURC.
+intervals of AUROC, FPR at 95% TPR, AUPR-In and (on mistakes) AURC. ``decision_rule`` gives the
+operating point of the feature-GMM paper's per-sample test, its threshold cross-validated.
 """
 from __future__ import annotations
 
@@ -22,7 +23,12 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 #: Point metrics of every row, in results.csv's order. The last four are the mistakes source's only
 #: (empty elsewhere; ``MISTAKES_ONLY``).
 METRICS = ("auroc", "aupr_in", "aupr_out", "fpr_at_95tpr", "detection_error", "mannwhitney_p",
-           "mannwhitney_p_greater", "aurc", "e_aurc", "augrc", "coverage_at_95acc")
+           "mannwhitney_p_greater", "aurc", "e_aurc", "augrc", "coverage_at_95acc",
+           "rule_detection_rate", "rule_false_rejection_rate", "rule_precision")
+#: The operating point of the feature-GMM paper's per-sample decision rule (``decision_rule``).
+RULE_METRICS = ("rule_detection_rate", "rule_false_rejection_rate", "rule_precision")
+#: Folds of the decision rule's cross-validated threshold.
+RULE_FOLDS = 5
 #: Metrics with a bootstrap interval, written as ``<metric>_ci_low`` and ``<metric>_ci_high``.
 CI_METRICS = ("auroc", "fpr_at_95tpr", "aupr_in", "aurc")
 INTERVALS = tuple(f"{m}_ci_{side}" for m in CI_METRICS for side in ("low", "high"))
@@ -30,7 +36,7 @@ INTERVALS = tuple(f"{m}_ci_{side}" for m in CI_METRICS for side in ("low", "high
 MISTAKES_ONLY = ("aurc", "e_aurc", "augrc", "coverage_at_95acc", "aurc_ci_low", "aurc_ci_high")
 #: Metrics where lower is better.
 LOWER_IS_BETTER = ("fpr_at_95tpr", "detection_error", "mannwhitney_p", "mannwhitney_p_greater", "aurc", "e_aurc",
-                   "augrc")
+                   "augrc", "rule_false_rejection_rate")
 #: A row with fewer positives or negatives than this is flagged ``small_sample``.
 SMALL_SAMPLE = 30
 #: Bootstrap resamples per interval, and the interval's level.
@@ -170,6 +176,63 @@ def coverage_at_accuracy(pos: np.ndarray, neg: np.ndarray, accuracy: float = 0.9
     return float(accepted[ok].max() / accepted[-1]) if ok.any() else 0.0
 
 
+def f1_threshold(pos: np.ndarray, neg: np.ndarray) -> float:
+    """The threshold T of the rule "reject an input as a failure if its score < T" that maximises
+    F1 of the rejected inputs against the failures (the harmonic mean of precision, failures among
+    the rejected, and recall, failures rejected). Among the distinct scores s_1 < ... < s_m,
+    rejecting up to s_j is best (of equal F1, the lowest j: fewest rejections); T lies halfway
+    to s_(j+1), so an unseen input between the two sides is judged by the nearer one (s_m + 1
+    past the highest score)."""
+    scores = np.concatenate([pos, neg]).astype(np.float64)
+    failure = np.concatenate([np.zeros(len(pos)), np.ones(len(neg))])
+    values, inverse = np.unique(scores, return_inverse=True)  # ascending: rejecting up to values[j]
+    rejected = np.cumsum(np.bincount(inverse, minlength=len(values)))
+    caught = np.cumsum(np.bincount(inverse, weights=failure, minlength=len(values)))
+    f1 = 2 * caught / (rejected + len(neg))  # 2 TP / (2 TP + FP + FN), with TP + FP = rejected, TP + FN = n_neg
+    best = int(np.argmax(f1))
+    return float((values[best] + values[best + 1]) / 2 if best + 1 < len(values) else values[best] + 1)
+
+
+def decision_folds(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Fold of each of ``n`` inputs: a seeded random order dealt round-robin into ``k`` folds."""
+    folds = np.empty(n, dtype=np.int64)
+    folds[rng.permutation(n)] = np.arange(n) % k
+    return folds
+
+
+def decision_rule(pos: np.ndarray, neg: np.ndarray, entropy, k: int = RULE_FOLDS) -> dict[str, float]:
+    """The feature-GMM paper's per-sample test (Section 3.3), as an operating point of any detector.
+
+    "A test sample X is rejected as being misclassified if P(f(X)) < T. The value of the threshold
+    is chosen by cross-validation ... to obtain a good trade-off between precision and recall."
+    Here: stratified ``k``-fold cross-validation over the row's inputs (folds: ``decision_folds``
+    of the positives, then of the negatives, from ``SeedSequence(entropy)``; ``k`` at most the
+    smaller side; the generator: the third child of ``SeedSequence(entropy)``, the bootstrap's
+    two being the first); on each fold, T is ``f1_threshold`` of the other folds (the precision/recall
+    trade-off made concrete as the best F1) and the fold's inputs scored below T are rejected. Over
+    all folds: ``rule_detection_rate`` (failures rejected / failures, higher is better),
+    ``rule_false_rejection_rate`` (trustworthy inputs rejected / trustworthy inputs, lower is
+    better), ``rule_precision`` (failures among the rejected; NaN where nothing is rejected).
+    NaN where a side has fewer than 2 inputs.
+    """
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    out = dict.fromkeys(RULE_METRICS, math.nan)
+    k = min(k, len(pos), len(neg))
+    if k < 2:
+        return out
+    # The third child of the row's entropy: the bootstrap draws from the first two
+    rng = np.random.default_rng(np.random.SeedSequence(entropy).spawn(3)[2])
+    pos_fold, neg_fold = decision_folds(len(pos), k, rng), decision_folds(len(neg), k, rng)
+    pos_rejected = neg_rejected = 0
+    for fold in range(k):
+        threshold = f1_threshold(pos[pos_fold != fold], neg[neg_fold != fold])
+        pos_rejected += int(np.sum(pos[pos_fold == fold] < threshold))
+        neg_rejected += int(np.sum(neg[neg_fold == fold] < threshold))
+    out.update(rule_detection_rate=neg_rejected / len(neg), rule_false_rejection_rate=pos_rejected / len(pos),
+               rule_precision=neg_rejected / (neg_rejected + pos_rejected) if neg_rejected + pos_rejected else math.nan)
+    return out
+
+
 def row_entropy(seed: int, *names: str) -> list[int]:
     """Entropy of a row's bootstrap: the run's seed and the first 64 bits of sha256 of the row's
     names (detector, source) joined by '|', so every row gets its own reproducible stream."""
@@ -253,6 +316,8 @@ def compute_all(pos: np.ndarray, neg: np.ndarray, *, mistakes: bool = False,
         if mistakes:
             out.update(aurc=aurc(pos, neg), e_aurc=e_aurc(pos, neg), augrc=augrc(pos, neg),
                        coverage_at_95acc=coverage_at_accuracy(pos, neg))
-        out.update(bootstrap_intervals(pos, neg, [0] if entropy is None else entropy, mistakes=mistakes))
+        entropy = [0] if entropy is None else entropy
+        out.update(bootstrap_intervals(pos, neg, entropy, mistakes=mistakes))
+        out.update(decision_rule(pos, neg, entropy))
     out.update(n_pos=len(pos), n_neg=len(neg), small_sample=bool(min(len(pos), len(neg)) < SMALL_SAMPLE))
     return out

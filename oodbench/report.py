@@ -27,6 +27,10 @@ TABLES = (
     ("fpr_at_95tpr", "FPR at 95% TPR", "{:.3f}", "lower is better"),
     ("mannwhitney_p", "Mann-Whitney U p-value", "{:.2g}",
      "two-sided, as the feature-GMM paper tests; the direction is AUROC's; lower is better"),
+    ("rule_detection_rate", "Per-sample decision rule: failures rejected", "{:.3f}",
+     "the feature-GMM paper's test (Section 3.3): inputs scored below a threshold are rejected, the threshold "
+     "the best F1 of 5-fold cross-validation on the row's inputs; higher is better; the trustworthy inputs it "
+     "rejects and its precision are results.csv's rule_false_rejection_rate and rule_precision"),
 )
 #: The mistakes source's selective-classification metrics: (metric, heading, direction).
 SELECTIVE = (

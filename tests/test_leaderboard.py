@@ -1,5 +1,6 @@
 """Leaderboard files: validate (hand-made problems and fuzzing), merge, show."""
 import io
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from oodbench.leaderboard import ADDED_IN, csv_text, merge_frames, pivot_table, read_results, results_frame, validate_frame
-from oodbench.metrics import compute_all, row_entropy
+from oodbench.metrics import RULE_METRICS, compute_all, row_entropy
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "leaderboards" / "digits" / "results.csv"
 
@@ -24,7 +25,7 @@ def published() -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def published_v2(published) -> pd.DataFrame:
     """The published rows as schema version 2 wrote them: without the columns version 3 added."""
-    return published.drop(columns=[c for c, version in ADDED_IN.items() if version == 3]).assign(schema_version="2")
+    return published.drop(columns=[c for c, version in ADDED_IN.items() if version >= 3], errors="ignore").assign(schema_version="2")
 
 
 @pytest.mark.parametrize("folder", sorted(p.parent.name for p in PUBLISHED.parents[1].glob("*/results.csv")))
@@ -56,8 +57,8 @@ def test_schema_1_files_stay_valid_and_schema_2_needs_model_weights(published_v2
     assert validate_frame(published_v2.drop(columns=["model_weights"]), "v2.csv") == ["v2.csv: missing columns: model_weights"]
     mixed = pd.concat([old.iloc[1:], published_v2.head(1)], ignore_index=True)  # v1 rows lack it, the v2 row has it
     assert validate_frame(mixed, "mixed.csv") == []
-    future = published_v2.head(1).assign(schema_version="4")
-    assert validate_frame(future, "f.csv") == ["f.csv:row 2: schema_version: unsupported schema version '4'"]
+    future = published_v2.head(1).assign(schema_version="5")
+    assert validate_frame(future, "f.csv") == ["f.csv:row 2: schema_version: unsupported schema version '5'"]
     assert validate_frame(published_v2.head(1).assign(schema_version="3"), "f.csv")[0].startswith(
         "f.csv: missing columns: mannwhitney_p_greater, aurc, e_aurc")
 
@@ -70,7 +71,7 @@ def _schema_3(published: pd.DataFrame) -> pd.DataFrame:
         base = published[(published["source"] == source) & (published["seed"] == "0")].iloc[0].to_dict()
         values = compute_all(rng.normal(1, 1, 50), rng.normal(0, 1, n_neg), mistakes=source == "mistakes",
                              entropy=row_entropy(0, base["detector"], source))
-        rows.append({**base, **values, "schema_version": 3})
+        rows.append({**base, **values, "schema_version": 3, **dict.fromkeys(RULE_METRICS, math.nan)})
     return pd.read_csv(io.StringIO(csv_text(results_frame(rows))), dtype=str, keep_default_na=False)
 
 
@@ -95,6 +96,15 @@ def test_schema_3_rows_validate_and_merge_with_schema_2(published, published_v2)
     old.loc[0, "mannwhitney_p_greater"] = "0.5"
     assert validate_frame(old, "o.csv") == [
         "o.csv:row 2: mannwhitney_p_greater: must be empty: not part of schema version 2, got '0.5'"]
+
+
+def test_schema_4_rows_have_the_decision_rule_and_may_leave_it_empty(published):
+    v4 = _schema_3(published).assign(schema_version="4")
+    v4.loc[:, list(RULE_METRICS)] = "0.5"
+    assert validate_frame(v4, "v4.csv") == []
+    v4.loc[0, "rule_precision"] = ""  # nothing rejected: no precision
+    v4.loc[1, "rule_detection_rate"] = "1.5"
+    assert validate_frame(v4, "v4.csv") == ["v4.csv:row 3: rule_detection_rate: 1.5 is outside [0, 1]"]
 
 
 def test_show_prints_interval_n_and_small_sample_marker(published):

@@ -292,3 +292,52 @@ def test_small_sample_flag():
     assert metrics.compute_all(np.arange(30.0), np.arange(29.0))["small_sample"] is True
     assert metrics.compute_all(np.arange(30.0), np.arange(30.0))["small_sample"] is False
     assert metrics.compute_all(np.arange(30.0), np.array([]))["small_sample"] is True
+
+
+def test_decision_rule_by_hand():
+    """Issue 20 item 14. Scores separated by a wide gap: on every fold the threshold of the other folds
+    lies halfway across the gap (near 14.5), so every failure and no trustworthy input is rejected."""
+    pos, neg = np.arange(20.0, 30.0), np.arange(0.0, 10.0)
+    rule = metrics.decision_rule(pos, neg, [0])
+    assert rule == {"rule_detection_rate": 1.0, "rule_false_rejection_rate": 0.0, "rule_precision": 1.0}
+    # By hand, on one split: failures {1, 2, 4}, trustworthy {3, 5}. Rejecting <= 1, 2, 3, 4, 5 gives
+    # F1 = 2TP/(rejected + 3) = 2/4, 4/5, 4/6, 6/7, 6/8: rejecting up to 4 is best, T halfway to 5.
+    assert metrics.f1_threshold(np.array([3.0, 5.0]), np.array([1.0, 2.0, 4.0])) == 4.5
+    assert metrics.f1_threshold(np.array([1.0]), np.array([2.0, 3.0])) == 4.0  # reject all: past the top
+    assert all(math.isnan(v) for v in metrics.decision_rule(np.arange(5.0), np.array([1.0]), [0]).values())
+
+
+def _sklearn_decision_rule(pos, neg, entropy, k=5):
+    """The rule re-implemented with scikit-learn: the threshold of each fold maximises f1_score over the
+    other folds' distinct scores (failures are the positive class, rejected when score <= t), the
+    threshold then moved halfway to the next distinct score."""
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(np.random.SeedSequence(entropy).spawn(3)[2])
+    folds = [metrics.decision_folds(len(side), k, rng) for side in (pos, neg)]
+    scores = np.concatenate([pos, neg])
+    failure = np.r_[np.zeros(len(pos)), np.ones(len(neg))].astype(int)
+    fold = np.concatenate(folds)
+    rejected = np.zeros(len(scores), dtype=bool)
+    for f in range(k):
+        train = fold != f
+        candidates = np.unique(scores[train])
+        f1 = [f1_score(failure[train], (scores[train] <= t).astype(int)) for t in candidates]
+        best = int(np.argmax(f1))
+        threshold = (candidates[best] + candidates[best + 1]) / 2 if best + 1 < len(candidates) else np.inf
+        rejected[~train] = scores[~train] < threshold
+    caught = int(np.sum(rejected & (failure == 1)))
+    return {"rule_detection_rate": caught / len(neg),
+            "rule_false_rejection_rate": np.sum(rejected & (failure == 0)) / len(pos),
+            "rule_precision": caught / rejected.sum()}
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.integers(5, 60), st.integers(5, 60), st.sampled_from([0.0, 0.5, 2.0]))
+def test_decision_rule_equals_scikit_learns_f1(seed, n_pos, n_neg, shift):
+    rng = np.random.default_rng(seed)
+    pos, neg = np.round(rng.normal(shift, 1, n_pos), 1), np.round(rng.normal(0, 1, n_neg), 1)  # ties too
+    entropy = metrics.row_entropy(seed, "gmm", "mistakes")
+    ours, expected = metrics.decision_rule(pos, neg, entropy), _sklearn_decision_rule(pos, neg, entropy)
+    for key in expected:
+        assert ours[key] == pytest.approx(expected[key], abs=1e-12), key
