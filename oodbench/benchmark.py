@@ -33,6 +33,9 @@ Schema (version 1; every key but ``name``, ``in_distribution`` and ``model`` is 
 ``mistakes``, ``ood`` and ``attacks`` are shorthands for the built-in source plugins of those
 names (``Benchmark.sources`` lists every instance in row order: those three first).
 
+    [detectors.pixelcnn]            # this benchmark's options for a detector, under what the
+    config = "paper"                # command line gives (pixelcnn[epochs=5] keeps config = "paper")
+
     [run]
     seeds = 1                       # default for --seeds
     batch_size = 256
@@ -102,6 +105,8 @@ class Benchmark:
     precision: str = "float32"
     #: the ``[[sources.<plugin>]]`` tables of other source plugins, in file order
     extra_sources: tuple[PluginRef, ...] = ()
+    #: ``[detectors.<name>]``: the benchmark's options for a detector, which the command line's override
+    detector_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def sources(self) -> tuple[PluginRef, ...]:
@@ -202,6 +207,8 @@ class _File(_Table):
     in_distribution: Annotated[_InDistribution, _words('a table naming its dataset ([in_distribution] dataset = "NAME")')]
     model: Annotated[_Model, _words('a table naming its model plugin ([model] plugin = "NAME")')]
     sources: _Sources = _Sources()
+    detectors: Annotated[dict[str, Options], _words("a table of detector names, each a table of its options "
+                                                    "([detectors.NAME])")] = {}
     run: _Run = _Run()
 
     @field_validator("name")
@@ -335,4 +342,5 @@ def load_benchmark(path: Path) -> Benchmark:
         labels_per_class=data.in_distribution.labels_per_class,
         precision=data.run.precision,
         extra_sources=tuple(extra),
+        detector_options={name: dict(options) for name, options in data.detectors.items()},
     )

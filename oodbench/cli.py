@@ -114,7 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     device = preflight.device(args.device, here=not args.plan or args.device == "auto")
     registry = _registry(args)
     bench = _find_benchmark(registry, args.benchmark)
-    specs = preflight.detector_specs(registry, args.detectors)
+    specs = preflight.detector_specs(registry, args.detectors, bench)
     seeds = preflight.seeds(args, bench)
     preflight.check_plugins(registry, bench, seeds[0])
     out = preflight.path_option("--out", args.out) if args.out is not None else Path("oodbench-results") / bench.name

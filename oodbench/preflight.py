@@ -7,6 +7,7 @@ any training or extraction and create nothing, so a typo costs seconds, not a ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 import stat
@@ -63,11 +64,19 @@ def device(name: str, here: bool = True):
     return device
 
 
-def detector_specs(registry, text: str | None) -> list[Any]:
-    """The detectors to run (every installed one when none are named); each label once, since rows are keyed by it."""
+def detector_specs(registry, text: str | None, bench=None) -> list[Any]:
+    """The detectors to run (every installed one when none are named); each label once, since rows are keyed by it.
+
+    A benchmark's ``[detectors.NAME]`` options come under the command line's: ``pixelcnn`` on a benchmark
+    that sets ``config = "paper"`` runs the paper's configuration, ``pixelcnn[config=small]`` the small one.
+    The label stays what the user wrote; the rows' ``detector_options`` record every option that ran."""
     from .cli import parse_detectors  # the command line's syntax, kept beside the parser that documents it
 
+    defaults = {} if bench is None else bench.detector_options
+    for name, options in defaults.items():
+        _check_plugin(registry, "detectors", name, options, 0, f"benchmark {bench.name}: detectors.{name}")
     specs = parse_detectors(",".join(registry.names("detectors")) if text is None else text)
+    specs = [dataclasses.replace(s, options={**defaults.get(s.name, {}), **s.options}) for s in specs]
     if not specs:
         raise ValueError(f"--detectors {text!r}: no detectors to run" if text is not None else "no detectors to run")
     labels = [s.label for s in specs]

@@ -9,6 +9,7 @@ import pickle
 from pathlib import Path
 from typing import Annotated
 
+import pandas as pd
 import pytest
 import torch
 from pydantic import Field
@@ -225,3 +226,29 @@ def test_descriptions_come_from_the_docstring_or_the_field():
 
     described = option_descriptions(Prose, ["a", "b", "c", "d", "e", "f"])
     assert described == {"a": "a=1 the first", "c": "c=3 (both small)", "d": "``d`` (used with ``a``; rarely)"}
+
+
+# -- a benchmark's own detector options ----------------------------------------------------------
+
+def test_a_benchmarks_detector_options_come_under_the_command_lines(tmp_path):
+    """[detectors.NAME] in a benchmark file (issue 20 items 7 and 9: paper benchmarks run the papers' detector
+    configurations): what the command line gives wins, the label stays the user's, the rows record what ran."""
+    (tmp_path / "tiny.toml").write_text(TINY + "[detectors.gmm]\nk = 3\n")
+    done = run_cli("run", "-b", tmp_path / "tiny.toml", "-d", "gmm,gmm[k=2]", "-o", tmp_path / "out", "--no-cache",
+                   "-q", "--executor", "inline")
+    assert done.returncode == 0, done.stderr
+    rows = pd.read_csv(tmp_path / "out" / "results.csv")
+    ran = {d: json.loads(o) for d, o in zip(rows["detector"], rows["detector_options"])}
+    assert set(ran) == {"gmm", "gmm[k=2]"}
+    assert ran["gmm"]["k"] == 3 and ran["gmm[k=2]"]["k"] == 2
+
+
+@pytest.mark.parametrize("table, words", [
+    ("[detectors.nosuch]\nk = 3\n", ["benchmark tiny: detectors.nosuch", "nosuch"]),
+    ("[detectors.gmm]\nk = \"x\"\n", ["benchmark tiny: detectors.gmm", "option k='x': expected an integer"]),
+    ("[detectors.gmm]\nkk = 3\n", ["benchmark tiny: detectors.gmm", "no option kk"]),
+    ("[detectors]\ngmm = 3\n", ["detectors: must be a table of detector names", "got {'gmm': 3}"]),
+])
+def test_a_benchmarks_bad_detector_options_are_refused_in_one_line(tmp_path, refuse, table, words):
+    (tmp_path / "tiny.toml").write_text(TINY + table)
+    refuse("run", "-b", str(tmp_path / "tiny.toml"), "-d", "msp", words=words)
