@@ -149,3 +149,23 @@ def test_pixelcnn_members_on_pixels() -> None:
     scores = det.score(train)
     np.testing.assert_allclose(scores, lls.mean(0) - lls.var(0), rtol=1e-12)
     assert np.isfinite(scores).all() and (scores < lls.mean(0)).all()
+
+
+def test_vae_members_score_with_the_16_sample_iwae_bound() -> None:
+    """Issue 20 item 9: the paper scores its VAE members by the IWAE bound with 16 samples (Burda et al. 2016:
+    L_k = log (1/k) sum_k p(x, z_k) / q(z_k | x)), not the ELBO; member_options can still ask for the ELBO."""
+    features = blob_features(60, 0)
+    small = {"epochs": 2, "hidden": 8, "latent": 2}
+    det = fitted(features, member="vae", M=2, member_options=small)
+    assert [m.metadata()["bound"] for m in det.members] == ["iwae_16", "iwae_16"]
+    # The bound re-computed from a member's network: logsumexp of 16 log-weights minus log 16
+    member, x = det.members[0], view("x", features[:5])
+    net = member.net
+    standardised = torch.from_numpy(member.standardiser(x.features)).to(next(net.parameters()).dtype)
+    generator = torch.Generator().manual_seed(member.seed + 2)  # the stream FeatureVAE.score draws from
+    with torch.no_grad():
+        log_w = net.log_weights(standardised, 16, generator)
+    expected = (torch.logsumexp(log_w, 0) - np.log(16)).numpy() - member.standardiser.log_scale
+    np.testing.assert_allclose(member.score(x), expected, rtol=1e-10)
+    elbo = fitted(features, member="vae", M=2, member_options={**small, "iwae_samples": 0})
+    assert [m.metadata()["bound"] for m in elbo.members] == ["elbo_8", "elbo_8"]

@@ -226,12 +226,14 @@ def to_levels(images: np.ndarray) -> np.ndarray:
 
 
 class PixelCNNPP(Detector):
-    """PixelCNN++ log-likelihood of the raw image (Salimans et al. 2017), trained on in-distribution train images.
+    """PixelCNN++ log-likelihood of the raw image (Salimans et al. 2017); a small one unless config="paper".
 
     Paper: Salimans, Karpathy, Chen, Kingma, "PixelCNN++: Improving the PixelCNN with
     discretized logistic mixture likelihood and other modifications", ICLR 2017; used as the
     model-agnostic baseline of the feature-GMM paper and as the pixel density model of
-    Generative Ensembles (WAIC).
+    Generative Ensembles (WAIC). The default ``config="small"`` is a small PixelCNN++ (1 resnet
+    block per resolution, 16 filters, 8 epochs) that trains in seconds on the digits: rows of
+    ``pixelcnn`` say which ran in ``detector_options``.
 
     Score: score(x) = log p(x) in nats, the exact discrete log-likelihood of the 8-bit image,
     sum over pixels and channels of log P(x_i | x_<i) (raster order; sub-pixels of a pixel in
@@ -251,7 +253,9 @@ class PixelCNNPP(Detector):
     epochs=8, batch_size=64, lr=4e-3, dropout=0 -- about 10 s on 2 CPU cores for the 1,078
     8x8 digits of the default benchmark, ~3.6 bits/dim;
     "paper": nr_resnet=5, nr_filters=160, nr_logistic_mix=10, batch_size=16, lr=1e-3,
-    dropout=0.5, epochs=100, for GPUs; 53.6M parameters on RGB, as the authors' model);
+    dropout=0.5, epochs=100, for GPUs; 53,618,660 parameters on RGB: the authors' model's 53,659,080
+    less its 40,420 weight-norm gains, tests/test_pixelcnn_paper_config.py; the paper benchmark files run
+    it with the feature-GMM paper's lr 1e-4 and dropout 0.5, shortened from its 5,000 epochs);
     ``nr_resnet``, ``nr_filters``, ``nr_logistic_mix``,
     ``epochs``, ``batch_size``, ``lr``, ``dropout`` override the config when given; ``seed``
     (initialisation, shuffling, dropout).
