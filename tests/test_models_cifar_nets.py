@@ -272,3 +272,30 @@ ood = ["uniform"]
     assert scratch.is_dir() and not any(scratch.iterdir())
     # Three epochs of a tiny net, with 4-pixel shifts of 8x8 digits: weak (0.26 when written) but above chance.
     assert result.meta["per_seed"][0]["test_accuracy"] > 0.15
+
+
+def test_the_feature_gmm_papers_densenet_variant(registry, one_thread):
+    """Issue 20 item 8: the feature-GMM paper's DenseNet (Appendix C): a tanh last layer keeps every feature in
+    (-1, 1) (the mean of tanh values), the ReLU network's features are >= 0 and unbounded; the same weights load
+    into both; the learning rate is divided by 10 at epochs 150 and 175."""
+    from oodbench_plugins.models.recipes import step_lr_at_epochs
+
+    relu = randomise_batch_norm(model(registry, "densenet-bc", **TINY["densenet-bc"]).build((3, 32, 32), 10, 0))
+    tanh = model(registry, "densenet-bc", **TINY["densenet-bc"], last_activation="tanh").build((3, 32, 32), 10, 0)
+    tanh.load_state_dict(relu.state_dict())
+    tanh.eval()
+    images = torch.rand(6, 3, 32, 32) * 50 - 25  # far outside [0, 1]: large activations
+    pre = {}
+    for name, network in (("relu", relu), ("tanh", tanh)):  # the last batch norm's output, before the activation
+        network.bn1.register_forward_hook(lambda module, inputs, output, name=name: pre.__setitem__(name, output))
+    with torch.no_grad():
+        _, relu_features, _ = relu.forward_layers(images)
+        _, tanh_features, _ = tanh.forward_layers(images)
+    torch.testing.assert_close(pre["relu"], pre["tanh"])  # one network up to the last activation
+    torch.testing.assert_close(tanh_features, torch.tanh(pre["tanh"]).mean((2, 3)))
+    torch.testing.assert_close(relu_features, torch.relu(pre["relu"]).mean((2, 3)))
+    assert (relu_features >= 0).all() and relu_features.abs().max() > 1 and (tanh_features.abs() <= 1).all()
+    assert [step_lr_at_epochs(e, 0.1, (150, 175), 0.1) for e in (0, 149, 150, 174, 175, 299)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    with pytest.raises(Exception, match="last_activation"):
+        model(registry, "densenet-bc", last_activation="sigmoid")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -73,12 +73,18 @@ class _DenseBlock(nn.Module):
         return self.layer(x)
 
 
+#: The activation after the last batch norm, whose global average is the penultimate feature.
+LAST_ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
+
+
 class DenseNetBCNetwork(LayeredNetwork):
-    """Stem conv (2k channels), three dense blocks joined by transitions, BN-ReLU, global average, linear."""
+    """Stem conv (2k channels), three dense blocks joined by transitions, BN-ReLU (or BN-tanh), global average,
+    linear."""
 
     def __init__(self, depth: int, growth_rate: int, compression: float, bottleneck: bool, dropout: float,
-                 channels: int, num_classes: int, mean: tuple, std: tuple):
+                 channels: int, num_classes: int, mean: tuple, std: tuple, last_activation: str = "relu"):
         super().__init__()
+        self.last_activation = LAST_ACTIVATIONS[last_activation]
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
         layers = (depth - 4) // (6 if bottleneck else 3)
@@ -114,7 +120,7 @@ class DenseNetBCNetwork(LayeredNetwork):
         stem = self.conv1(x)
         first = self.trans1(self.block1(stem))
         second = self.trans2(self.block2(first))
-        third = F.relu(self.bn1(self.block3(second)))
+        third = self.last_activation(self.bn1(self.block3(second)))
         features = third.mean((2, 3))
         return self.fc(features), features, [stem, first, second, third]
 
@@ -158,6 +164,13 @@ class DenseNetBC(Model):
     Seeded by the run's seed; the validation split is not used (fixed schedule, no early
     stopping), as in the paper, which trains on all 50,000 training images.
 
+    The feature-GMM paper's variant (its Appendix C: "ReLU non-linearities except for the last
+    layer where we use a tanh non-linearity to ensure the extracted features are bounded",
+    dropout 0.2, the learning rate divided by 10 at epochs 150 and 175 of 300):
+    ``last_activation="tanh"``, ``dropout=0.2``, ``lr_drops=(150, 175)``; the benchmark
+    ``cifar10-gmm-paper`` trains it. ``last_activation`` changes no weight, so a checkpoint of
+    either variant loads into the other (and then gives other features).
+
     Deviations: the penultimate features are the mean over whatever spatial size the last
     block has (the authors' ``avg_pool2d(8)``, identical for 32x32 inputs), so other image
     sizes work; the stem has 2k channels also without bottlenecks, as in the authors' code
@@ -169,7 +182,8 @@ class DenseNetBC(Model):
 
     def __init__(self, *, depth: int = 100, growth_rate: int = 12, compression: float = 0.5, bottleneck: bool = True,
                  dropout: float = 0.0, normalisation: str = "cifar", checkpoint: str = "", epochs: int = 300,
-                 batch_size: int = 64, lr: float = 0.1, weight_decay: float = 1e-4):
+                 batch_size: int = 64, lr: float = 0.1, weight_decay: float = 1e-4,
+                 last_activation: Literal["relu", "tanh"] = "relu", lr_drops: tuple[int, ...] = ()):
         per_block = 6 if bottleneck else 3
         if depth < 4 + per_block or (depth - 4) % per_block:
             raise PluginError(f"densenet-bc depth must be 4 + a positive multiple of {per_block} "
@@ -183,6 +197,9 @@ class DenseNetBC(Model):
         self.depth, self.growth_rate, self.compression, self.bottleneck = depth, growth_rate, compression, bottleneck
         self.dropout, self.normalisation, self.checkpoint = dropout, normalisation, checkpoint
         self.epochs, self.batch_size, self.lr, self.weight_decay = epochs, batch_size, lr, weight_decay
+        if any(e < 1 for e in lr_drops):
+            raise PluginError(f"densenet-bc lr_drops are epochs >= 1, got {lr_drops}")
+        self.last_activation, self.lr_drops = last_activation, tuple(sorted(lr_drops))
         self.trainable = not checkpoint
 
     def fingerprint(self) -> str:
@@ -195,7 +212,7 @@ class DenseNetBC(Model):
         mean, std = normalisation_stats(self.name, self.normalisation, image_shape[0])
         torch.manual_seed(seed)
         network = DenseNetBCNetwork(self.depth, self.growth_rate, self.compression, self.bottleneck, self.dropout,
-                                    image_shape[0], num_classes, mean, std)
+                                    image_shape[0], num_classes, mean, std, self.last_activation)
         if self.checkpoint:
             load_checkpoint(network, self._path(),
                             f"densenet-bc depth {self.depth}, growth rate {self.growth_rate}, compression "
@@ -206,4 +223,5 @@ class DenseNetBC(Model):
               device: torch.device, progress: Callable[[str], None]) -> None:
         train_sgd(network, train, seed=seed, device=device, progress=progress, epochs=self.epochs,
                   batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                  milestones_percent=(50, 75), gamma=0.1, padding_mode="constant", resume_dir=self.resume_dir)
+                  milestones_percent=(50, 75), milestone_epochs=self.lr_drops, gamma=0.1, padding_mode="constant",
+                  resume_dir=self.resume_dir)

@@ -69,6 +69,12 @@ def step_lr(epoch: int, epochs: int, lr: float, milestones_percent: tuple[int, .
     return lr * gamma ** sum(epoch >= max(1, epochs * p // 100) for p in milestones_percent)
 
 
+def step_lr_at_epochs(epoch: int, lr: float, milestone_epochs: tuple[int, ...], gamma: float) -> float:
+    """Learning rate of 0-based ``epoch``: ``lr`` times ``gamma`` per milestone epoch reached (the
+    feature-GMM paper's "divided by 10 at epoch 150 and 175": epochs 0-149 at lr, 150-174 at lr/10)."""
+    return lr * gamma ** sum(epoch >= m for m in milestone_epochs)
+
+
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4,
                      mode: str = "constant", flip: bool = True) -> torch.Tensor:
     """Pad by ``padding`` pixels (zeros, or ``reflect``), take a random crop of the original size, flip half.
@@ -91,12 +97,13 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int =
 def train_sgd(network: nn.Module, train: ImageSet, *, seed: int, device: torch.device,
               progress: Callable[[str], None], epochs: int, batch_size: int, lr: float, weight_decay: float,
               milestones_percent: tuple[int, ...], gamma: float, padding_mode: str,
-              resume_dir: Path | None = None) -> None:
+              resume_dir: Path | None = None, milestone_epochs: tuple[int, ...] = ()) -> None:
     """The CIFAR recipe both papers' networks share, in place, then ``network.eval()``.
 
     SGD with Nesterov momentum 0.9 and weight decay (L2 on every parameter, as in the papers'
     code), cross-entropy, ``epochs`` passes over ``train`` in shuffled mini-batches, learning
-    rate from ``step_lr`` set at the start of each epoch, and per batch a random crop after
+    rate from ``step_lr`` (or, given ``milestone_epochs``, ``step_lr_at_epochs``) set at the start
+    of each epoch, and per batch a random crop after
     4-pixel padding and a random horizontal flip (``random_crop_flip``). Shuffling,
     augmentation and dropout are seeded by ``seed``; on a GPU cuDNN may still make runs differ
     in the last bits. A final batch of a single image is skipped (batch norm needs two).
@@ -113,7 +120,8 @@ def train_sgd(network: nn.Module, train: ImageSet, *, seed: int, device: torch.d
     resumed = _resume(resume_dir, network, optimiser, generator, progress)
     first_epoch = 0 if resumed is None else resumed["epoch"] + 1
     for epoch in range(first_epoch, epochs):
-        rate = step_lr(epoch, epochs, lr, milestones_percent, gamma)
+        rate = (step_lr_at_epochs(epoch, lr, milestone_epochs, gamma) if milestone_epochs
+                else step_lr(epoch, epochs, lr, milestones_percent, gamma))
         for group in optimiser.param_groups:
             group["lr"] = rate
         order = torch.randperm(len(train), generator=generator)
