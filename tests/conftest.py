@@ -10,15 +10,6 @@ from torchvision_fakes import md5
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m deselects
-def pytest_collection_modifyitems(items):
-    """The quick modes of the performance scripts (``tests/test_bench_*.py``) are slow-marked: they run in CI's
-    second step (``python -m pytest -m slow``) with the other slow checks, apart from the everyday suite."""
-    for item in items:
-        if item.path.name.startswith("test_bench_"):
-            item.add_marker(pytest.mark.slow)
-
-
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory) -> Path:
     """One cache for the session: the digits CNN trains once and every test reuses it."""

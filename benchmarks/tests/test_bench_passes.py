@@ -6,7 +6,6 @@ spent and counted) with msp, gmm, mahalanobis and odin. The minimum is the one
 attacks' passes by definition, and ODIN's grid with the eps = 0 forwards removed.
 """
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,8 +18,7 @@ from oodbench.passes import KINDS
 from oodbench.runner import RunOptions, run_benchmark
 from oodbench_plugins.detectors.odin import PAPER_EPSILONS, PAPER_TEMPERATURES
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import passes_report  # noqa: E402  (a script folder, not a package)
+import passes_report  # a script of benchmarks/ (on sys.path from conftest)
 
 FEATURE_ONLY = ("msp", "gmm", "mahalanobis")
 

@@ -4,21 +4,19 @@ Needs pytorch-ood (part of the ``test`` extra, or ``pip install -e ".[bench]"``)
 files in ``../shared`` beside the checkout (or ``$OODBENCH_SHARED_DIR``); skipped without either.
 The full comparison and its figures are in BENCHMARKS.md.
 """
-import sys
 
 import pytest
 
 pytest.importorskip("pytorch_ood")
 
-from shared_files import ROOT, SHARED, needs_shared  # noqa: E402  (after the importorskip)
+from shared_files import SHARED, needs_shared  # noqa: E402  (after the importorskip)
 
 NEEDED = ["data/cifar10_train_exact_first4000.npz", "data/cifar10_test_exact_first100.npz", "data/mnist_test.npz",
           "models/akamaster_resnet_cifar10/resnet20-12fca82f.th"]
 
 pytestmark = needs_shared(NEEDED)
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import compare_pytorch_ood  # noqa: E402  (a script folder, not a package)
+import compare_pytorch_ood  # a script of benchmarks/ (on sys.path from conftest)
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,19 @@ Needs pytorch-ood and the real files in ``../shared`` beside the checkout (or ``
 skipped without either. Slow: about 30 s on a loaded 2-core machine (imports and the network pass
 over 800 images most of it). The full comparison is in BENCHMARKS.md.
 """
-import sys
 
 import pytest
 
 pytest.importorskip("pytorch_ood")
 
-from shared_files import ROOT, SHARED, needs_shared  # noqa: E402  (after the importorskip)
+from shared_files import SHARED, needs_shared  # noqa: E402  (after the importorskip)
 
 NEEDED = ["data/cifar10_train_exact_first4000.npz", "data/cifar10_test_exact_first100.npz", "data/mnist_test.npz",
           "models/akamaster_resnet_cifar10/resnet20-12fca82f.th"]
 
 pytestmark = needs_shared(NEEDED)
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import compare_posthoc_pytorch_ood as bench  # noqa: E402  (a script folder, not a package)
+import compare_posthoc_pytorch_ood as bench  # a script of benchmarks/ (on sys.path from conftest)
 
 #: detectors whose formula is pytorch-ood's, computed in float64 on both sides, or in float32 by pytorch-ood
 #: where it casts inside (their float32 rounding stays far below the tolerances at this size)

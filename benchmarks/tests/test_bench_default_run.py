@@ -3,7 +3,7 @@
 Under the normal test run benchmarks are disabled and the body runs once, as a check. To
 measure and write the figures to a file::
 
-    python -m pytest tests/test_bench_default_run.py --benchmark-enable --benchmark-json=benchmark-default-run.json
+    python -m pytest benchmarks/tests/test_bench_default_run.py --benchmark-enable --benchmark-json=benchmark-default-run.json
 """
 from pathlib import Path
 

@@ -4,11 +4,8 @@ No assertion on time: what must hold is that the report has its figures for each
 and that both executors land the same results CSV.
 """
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import executors  # noqa: E402  (a script folder, not a package)
+import executors  # a script of benchmarks/ (on sys.path from conftest)
 
 
 def test_quick_mode_reports_each_executor_and_identical_results(tmp_path, capsys):
