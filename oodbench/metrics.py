@@ -192,8 +192,8 @@ def f1_threshold(pos: np.ndarray, neg: np.ndarray) -> float:
     F1 of the rejected inputs against the failures (the harmonic mean of precision, failures among
     the rejected, and recall, failures rejected). Among the distinct scores s_1 < ... < s_m,
     rejecting up to s_j is best (of equal F1, the lowest j: fewest rejections); T lies halfway
-    to s_(j+1), so an unseen input between the two sides is judged by the nearer one (s_m + 1
-    past the highest score)."""
+    to s_(j+1), so an unseen input between the two sides is judged by the nearer one (infinity
+    when rejecting everything is best: every input is rejected)."""
     scores = np.concatenate([pos, neg]).astype(np.float64)
     failure = np.concatenate([np.zeros(len(pos)), np.ones(len(neg))])
     values, inverse = np.unique(scores, return_inverse=True)  # ascending: rejecting up to values[j]
@@ -201,7 +201,7 @@ def f1_threshold(pos: np.ndarray, neg: np.ndarray) -> float:
     caught = np.cumsum(np.bincount(inverse, weights=failure, minlength=len(values)))
     f1 = 2 * caught / (rejected + len(neg))  # 2 TP / (2 TP + FP + FN), with TP + FP = rejected, TP + FN = n_neg
     best = int(np.argmax(f1))
-    return float((values[best] + values[best + 1]) / 2 if best + 1 < len(values) else values[best] + 1)
+    return float((values[best] + values[best + 1]) / 2 if best + 1 < len(values) else math.inf)
 
 
 def decision_folds(n: int, k: int, rng: np.random.Generator) -> np.ndarray:

@@ -303,7 +303,7 @@ def test_decision_rule_by_hand():
     # By hand, on one split: failures {1, 2, 4}, trustworthy {3, 5}. Rejecting <= 1, 2, 3, 4, 5 gives
     # F1 = 2TP/(rejected + 3) = 2/4, 4/5, 4/6, 6/7, 6/8: rejecting up to 4 is best, T halfway to 5.
     assert metrics.f1_threshold(np.array([3.0, 5.0]), np.array([1.0, 2.0, 4.0])) == 4.5
-    assert metrics.f1_threshold(np.array([1.0]), np.array([2.0, 3.0])) == 4.0  # reject all: past the top
+    assert metrics.f1_threshold(np.array([1.0]), np.array([2.0, 3.0])) == math.inf  # rejecting all is best
     assert all(math.isnan(v) for v in metrics.decision_rule(np.arange(5.0), np.array([1.0]), [0]).values())
 
 
