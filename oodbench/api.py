@@ -685,6 +685,21 @@ class Detector(Plugin):
         """
         raise NotImplementedError
 
+    def log_density(self, features: torch.Tensor) -> torch.Tensor:
+        """Optional: the fitted density of penultimate features, log p(f) in nats, one per row of ``features``.
+
+        ``features`` is an (N x D) float tensor that may require grad; the result must be
+        differentiable in it with torch autograd (feature purification descends its gradient,
+        ``oodbench purify``). Rows are independent: row i of the result depends on row i only.
+        Only for a detector whose score is such a density; default: ``NotImplementedError``.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def has_log_density(cls) -> bool:
+        """Whether the class overrides ``log_density`` (feature purification can use it)."""
+        return cls.log_density is not Detector.log_density
+
     @classmethod
     def stores_state(cls) -> bool:
         """Whether the class overrides both ``state_dict`` and ``load_state_dict``, so its fits can be stored."""

@@ -153,9 +153,10 @@ def write_results_csv(path: Path, frame: pd.DataFrame) -> None:
     atomic_write(Path(path), lambda f: f.write(content))
 
 
-#: Entries of a run folder that a new run replaces: its own files and the report drawn from them.
+#: Entries of a run folder that a new run replaces: its own files and what was drawn from them (the report,
+#: ``oodbench purify``'s table), which would describe the old run.
 _RUN_OWNED = frozenset({"results.csv", "summary.csv", "timings.csv", "run.json", BENCHMARK_FILE, SCORES_FILE,
-                        "report.html", "plots"})
+                        "report.html", "plots", "purification.csv"})
 #: The temporary files of ``atomic_write`` (``.NAME.XXXXXXXX.tmp``), which a killed write leaves behind.
 _TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 #: A staging folder older than this belongs to a killed run; a younger one may be a concurrent run's.
@@ -169,8 +170,8 @@ def write_run(out_dir: Path, rows: list[dict], timings: list[dict], meta: dict,
 
     The files are written into a fresh staging folder which then replaces ``out_dir`` whole, so a
     run killed at any point leaves the old folder or the new one, never new results beside an older
-    run's summary, provenance or scores. What an earlier run owned (its files, report.html, plots/)
-    goes; anything else in ``out_dir`` is kept. Without ``scores`` no scores.npz is written.
+    run's summary, provenance or scores. What an earlier run owned (its files, report.html, plots/,
+    purification.csv) goes; anything else in ``out_dir`` is kept. Without ``scores`` no scores.npz is written.
     ``benchmark_file`` is copied as ``benchmark.toml``, so the folder alone says what to re-run
     (``leaderboard verify``). Staging folders and temporary files of killed runs are removed.
     """

@@ -483,6 +483,37 @@ class SeedWork:
         return {"seconds": fitting.state["fit_seconds"], "error": "", "traceback": None,
                 "metadata": _metadata(detector)}
 
+    def fitted_detector(self, spec: DetectorSpec) -> tuple[Detector, str]:
+        """``spec`` fitted on this seed (or its stored fit loaded) and the fit's key: for analyses of a run."""
+        fitting = self._fitting(spec)
+        return fitting.fitted(), fitting.det_key
+
+    def labelled_sets(self) -> dict[str, tuple[SplitView, np.ndarray]]:
+        """The seed's image sets whose true labels are in the classifier's label space, with their outputs.
+
+        ``val`` and ``test``; each attacked set, labelled with its clean images' labels (the class
+        the attack moved the prediction away from); and each loaded set that a source of kind
+        ``mistakes`` judges predictions on (so its labels are the classifier's classes: a corrupted
+        test split is, an OOD set's own labels are not). A set that cannot be made is left out."""
+        prepared = self.prepare()
+        handle, model_key = prepared.handle, prepared.model_key
+        test_set, val_set = self.id_split("test"), self.id_split("val")
+        sets = {"val": (prepared.val, val_set.y), "test": (self.outputs(handle, model_key, test_set, "test"), test_set.y)}
+        judged = {name for plugin, case in source_cases(self.source_plugins())
+                  if (case.kind or plugin.kind) == "mistakes" for name in case.uses}
+        for name, request in self.requests().items():
+            if request.attack is None and name not in judged:
+                continue
+            try:
+                view, labels = self.requested_outputs(handle, model_key, request)
+            except PLUGIN_FAILURES:
+                continue  # the sources that use the set are error rows; nothing to purify
+            if request.attack is not None:
+                labels = test_set.y[self._attack_subset()]
+            if labels is not None:
+                sets[name] = (view, np.asarray(labels))
+        return {name: (view, labels) for name, (view, labels) in sets.items() if (labels != UNLABELED).all()}
+
     def detector_rows(self, spec: DetectorSpec, only: str | None = None,
                       fit_report: dict[str, Any] | None = None) -> tuple[list[dict], list[dict]]:
         """One row per failure source (``only``: for that source alone) and the timings of each."""

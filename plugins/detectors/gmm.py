@@ -134,6 +134,13 @@ class FeatureGMM(_EMOptions, Detector):
             raise PluginError(f"{self.name}: score() called before fit()")
         return self.gmm.log_likelihood(self._tensor(view.features, self.gmm.means.device)).cpu().double().numpy()
 
+    def log_density(self, features: torch.Tensor) -> torch.Tensor:
+        """log p(features) under the fitted mixture, differentiable (the paper's Appendix B purifies by its
+        gradient); in the mixture's dtype, on its device."""
+        if self.gmm is None:
+            raise PluginError(f"{self.name}: log_density() called before fit()")
+        return self.gmm.log_likelihood(features)
+
     def metadata(self) -> dict[str, Any]:
         return dict(self._metadata)
 
