@@ -22,6 +22,7 @@ TINY = {
     "vae": {"epochs": 2, "hidden": 16, "latent": 4},
     "maf": {"epochs": 2, "hidden": 16, "layers": 2},
     "pixelcnn": {"epochs": 1, "nr_filters": 8},
+    "pixel-vae": {"steps": 20, "hidden": 16, "latent": 2},
     "waic": {"M": 2, "member_options": {"k": 2}},
     "odin": {"temperatures": (1, 1000), "epsilons": (0.0, 0.002)},
     "odin-nood": {"temperatures": (1, 1000), "epsilons": (0.0, 0.002)},
@@ -33,12 +34,14 @@ TINY = {
 VARIANTS = {
     "maf with batch norm": ("maf", {"epochs": 2, "hidden": 16, "layers": 2, "batch_norm": True}),
     "waic of VAEs": ("waic", {"M": 2, "member": "vae", "member_options": {"epochs": 1, "hidden": 8, "latent": 2}}),
+    "waic of pixel VAEs": ("waic", {"M": 2, "member": "pixel-vae", "member_options": {"steps": 5, "hidden": 8,
+                                                                                     "latent": 2}}),
     "gmm in float64": ("gmm", {"k": 3, "dtype": "float64"}),
 }
 BUILTIN = ["ash-b", "ash-p", "ash-s", "dice", "energy", "entropy", "fdbd", "gen", "gmm", "gmm-100", "gmm-1000",
            "gradnorm", "kl-matching", "knn", "logits", "maf", "mahalanobis", "mahalanobis-ensemble",
            "mahalanobis-ensemble-nood", "mahalanobis-pre", "maxlogit", "msp", "nci", "nnguide", "odin", "odin-nood",
-           "pixelcnn", "react", "rmds", "scale", "she", "temperature", "vae", "vim", "waic", "zheng"]
+           "pixel-vae", "pixelcnn", "react", "rmds", "scale", "she", "temperature", "vae", "vim", "waic", "zheng"]
 
 
 def test_every_builtin_detector_stores_its_state(registry):

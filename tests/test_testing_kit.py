@@ -15,6 +15,8 @@ FAST_OPTIONS = {  # the kit's problem is tiny; shorten the slow trainers
     # exp(s1 / s2) rewards at their papers' percentiles (pytorch-ood scores them the same: see
     # test_detector_posthoc_logits); at the 50th percentile the toy problem ranks as the kit expects.
     "ash-s": {"percentile": 50.0}, "scale": {"percentile": 50.0},
+    # 800 steps of a small VAE: enough to learn which pixels light up together (tests/test_detector_pixel_vae.py)
+    "pixel-vae": {"steps": 800, "hidden": 16, "latent": 2},
 }
 
 

@@ -21,6 +21,9 @@ def oodbench_register_detectors(register):
     register(gmm.FeatureGMM, name="gmm-1000", k=1000)
     register(vae.FeatureVAE)
     register(maf.FeatureMAF)
+    from . import pixel_vae  # after vae, whose network it extends
+
+    register(pixel_vae.PixelVAE)
     register(pixelcnn.PixelCNNPP)
     register(waic.GenerativeEnsemble)
 
