@@ -401,9 +401,11 @@ class SeedWork:
                                                                   prepared.train_labelled, prepared.val, prepared.sources)
         entry = self.registry.get("detectors", spec.name)
         resolved = resolve_options(entry, spec.options, seed=self.seed)
-        det_key = make_key("detector", name=spec.name, version=entry.version, options=resolved,
-                           model=model_key, train=train.key, val=val.key, seed=self.seed)
         cls = entry.target
+        # The class and its resolved options, not the registered name, decide the fit and the scores: two names
+        # for one configuration (gmm and gmm-100, logits and maxlogit) share one fit and one scoring.
+        det_key = make_key("detector", implementation=f"{cls.__module__}.{cls.__qualname__}", version=entry.version,
+                           options=resolved, model=model_key, train=train.key, val=val.key, seed=self.seed)
         needs = frozenset(cls.needs) | {"logits"}
         # fit_traceback: the constructor's or fit's, recorded once (on the first row it fails) for run.json
         state: dict[str, Any] = {"detector": None, "fit_error": None, "fit_seconds": 0.0, "fit_traceback": None}
