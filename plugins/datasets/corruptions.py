@@ -13,7 +13,6 @@ from typing import Annotated, Callable, Literal, get_args
 import numpy as np
 from PIL import Image
 from pydantic import Field
-from scipy import ndimage
 
 from oodbench.api import Dataset, DatasetContext, ImageSet, PluginError
 
@@ -69,6 +68,8 @@ def disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
     aliased /= aliased.sum()
     taps = np.exp(-np.arange(-1, 2) ** 2 / (2.0 * alias_blur ** 2))
     taps /= taps.sum()
+    from scipy import ndimage  # here, not at registration: scipy.ndimage costs every command ~0.5 s
+
     # The disk sits in the middle of a grid of zeros, so OpenCV's reflected border adds nothing: 'constant'.
     kernel = ndimage.convolve1d(ndimage.convolve1d(aliased, taps, axis=0, mode="constant"), taps, axis=1,
                                 mode="constant")
@@ -80,11 +81,15 @@ def _defocus_blur(x: np.ndarray, c: tuple[float, float], rng: np.random.Generato
     kernel = disk_kernel(*c)
     # cv2.filter2D: correlation (the kernel is symmetric anyway), borders reflected about the edge pixel
     # (BORDER_REFLECT_101 = scipy's 'mirror').
+    from scipy import ndimage
+
     return ndimage.correlate(x, kernel[None, None], mode="mirror")
 
 
 def _gaussian_blur(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
     # skimage.filters.gaussian's defaults: borders by edge repetition ('nearest'), truncated at 4 sigma.
+    from scipy import ndimage
+
     return ndimage.gaussian_filter(x, sigma=(0, 0, c, c), mode="nearest", truncate=4.0)
 
 

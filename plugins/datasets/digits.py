@@ -3,17 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import importlib.util
+
 import numpy as np
-import sklearn.datasets
-from sklearn.datasets import load_digits, load_sample_images
-from sklearn.model_selection import train_test_split
 
 from oodbench.api import Dataset, DatasetContext, ImageSet, PluginError, files_sha256
 
 from .convert import to_format
 
-# Where scikit-learn keeps the files its bundled-dataset loaders read.
-_SKLEARN_DATA = Path(sklearn.datasets.__file__).parent
+# scikit-learn is imported where its loaders run (in a task), not at registration: importing it pulls in
+# scipy.stats and costs every command ~2 s, while the driver needs only the folder its bundled files are in
+# (for the fingerprints), which find_spec gives without running the package.
+_SKLEARN_DATA = Path(importlib.util.find_spec("sklearn").submodule_search_locations[0]) / "datasets"
 
 
 class Digits(Dataset):
@@ -41,6 +42,9 @@ class Digits(Dataset):
     def load(self, ctx: DatasetContext) -> ImageSet:
         if ctx.split not in self.splits:
             raise PluginError(f"digits has splits {self.splits}, not '{ctx.split}'")
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
         data = load_digits()
         x = np.round(data.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
         y = data.target.astype(np.int64)
@@ -80,6 +84,8 @@ class NaturalPatches(Dataset):
             raise PluginError("natural-patches is a failure source: it needs the in-distribution image shape")
         n = self.size or ctx.size or 1000
         rng = np.random.default_rng([self.seed, ctx.seed])
+        from sklearn.datasets import load_sample_images
+
         photos = [np.asarray(img) for img in load_sample_images().images]
         out = np.empty((n, *ctx.image_shape), np.uint8)
         for i in range(n):

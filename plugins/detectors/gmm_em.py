@@ -40,7 +40,6 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 
 #: scikit-learn's default; detectors on network features usually want more (see gmm.py).
 DEFAULT_REG_COVAR = 1e-6
@@ -169,6 +168,8 @@ def _initial_parameters(
     """sklearn's init: hard responsibilities, one M-step, weights n_k / N (not renormalised)."""
     n = len(x)
     if init == "kmeans":
+        from sklearn.cluster import KMeans  # here, not at registration: importing scikit-learn costs ~2 s
+
         labels = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(x.cpu().numpy()).labels_
         rows, components = torch.arange(n), torch.from_numpy(labels.astype(np.int64))
     elif init == "random_from_data":

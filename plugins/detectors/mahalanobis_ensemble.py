@@ -8,10 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegressionCV
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from oodbench.api import Classifier, Detector, FitContext, Holdout, PluginError, SplitView, fpr_at_tpr
@@ -57,6 +53,12 @@ def _fit_regression(x: np.ndarray, y: np.ndarray):
 
     ``scoring`` is pinned to accuracy, that script's default, which scikit-learn 1.11 changes.
     """
+    # scikit-learn here, not at registration, where it would cost every command ~2 s
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     regression = make_pipeline(StandardScaler(), LogisticRegressionCV(scoring=_accuracy, max_iter=1000))
     # A few-feature fit is ~10x slower with multi-threaded BLAS on a busy machine; separable
     # holdouts (common: noise is easy) leave the weakest-regularised C unconverged, which the
