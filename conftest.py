@@ -1,10 +1,22 @@
+"""Fixtures shared by the three test folders: the core's suite (``tests/``), the built-ins' tests beside their code
+(``plugins/tests/``) and the performance scripts' tests (``benchmarks/tests/``).
+
+None of them is a package: the helper modules the tests import by name (``torchvision_fakes``, ``shared_files``,
+``fake_plugins``, and ``test_run``'s ``_options`` or ``test_cli``'s ``run_cli``) live in ``tests/``, which is put on
+``sys.path`` here, so a folder collected alone (``python -m pytest plugins/tests``) finds them too."""
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision.datasets as tvd
-from torchvision_fakes import md5
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests"))
+
+from torchvision_fakes import md5  # noqa: E402  (after the path)
 
 # Two cores in CI: one intra-op thread per test process keeps timings stable and avoids oversubscription.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
