@@ -23,7 +23,7 @@ def _options(registry, detectors: str, cache: Path | None, **kw) -> RunOptions:
                       cache_dir=cache, data_dir=Path("."), device=torch.device("cpu"), progress=False, **kw)
 
 
-FAKE_SOURCES = ["fake-ood:fake-blank", "fake-ood:fake-noise", "fake-wrong"]
+FAKE_SOURCES = ["fake-adv:0.1", "fake-ood:fake-blank", "fake-ood:fake-noise", "fake-wrong"]
 
 
 def test_a_run_gives_every_row_with_finite_metrics(fakes, shared_cache):
@@ -35,6 +35,7 @@ def test_a_run_gives_every_row_with_finite_metrics(fakes, shared_cache):
     rows = frame.set_index(["detector", "source"])
     assert rows.loc[("fake-centroid", "fake-wrong"), "source_kind"] == "mistakes"
     assert rows.loc[("fake-centroid", "fake-ood:fake-blank"), "source_kind"] == "ood"
+    assert rows.loc[("fake-centroid", "fake-adv:0.1"), "source_kind"] == "adversarial"
     seed = result.meta["per_seed"][0]
     assert 0.8 < seed["test_accuracy"] < 1.0, "the fake network learns the stripes but leaves mistakes"
     wrong = rows.loc[("fake-centroid", "fake-wrong")]
@@ -149,10 +150,10 @@ def test_a_failing_detector_marks_only_its_own_rows(shared_cache):
     registry = fake_registry(Broken())
     result = run_benchmark(fake_options(registry, "fake-confidence,flaky,unfittable,peeker,exiter", shared_cache), registry)
     frame = results_frame(result.rows).set_index(["detector", "source"])
-    assert (frame.loc["fake-confidence", "status"] == "ok").all() and len(frame.loc["fake-confidence"]) == 3
+    assert (frame.loc["fake-confidence", "status"] == "ok").all() and len(frame.loc["fake-confidence"]) == 4
     assert frame.loc[("flaky", "fake-ood:fake-blank"), "error"] == "RuntimeError: cannot score blanks"
     assert "1 non-finite values" in frame.loc[("flaky", "fake-ood:fake-noise"), "error"]
-    assert frame.loc[("flaky", "fake-wrong"), "status"] == "ok"
+    assert (frame.loc[[("flaky", "fake-wrong"), ("flaky", "fake-adv:0.1")], "status"] == "ok").all()
     assert (frame.loc["unfittable", "error"] == "fit failed: needs more data").all()
     assert "without declaring it" in frame.loc[("peeker", "fake-wrong"), "error"]
     assert (frame.loc["exiter", "error"] == "fit failed: the plugin called sys.exit(0)").all()
@@ -186,3 +187,31 @@ def test_a_detector_that_writes_into_shared_arrays_fails_alone(fakes, shared_cac
     clean = results_frame(run_benchmark(fake_options(fakes, "fake-confidence", shared_cache), fakes).rows)
     mine = frame.loc["fake-confidence"].reset_index()
     assert mine[["source", "auroc", "fpr_at_95tpr"]].equals(clean[["source", "auroc", "fpr_at_95tpr"]])
+
+
+def test_holdouts_are_random_in_order_and_keep_pairs_whole(fakes, shared_cache):
+    """Issue 20 item 10: a holdout is in its seeded random order (so each half of it spans the classes even of
+    a class-sorted test set), the evaluated rest sorted; where a source pairs its inputs (a clean image and its
+    attacked version) both are held out or both evaluated. The built-in sources' pairs: test_benchmark_digits.py."""
+    from oodbench.cache import Cache
+    from oodbench.progress import Progress
+    from oodbench.runner import SeedWork
+
+    work = SeedWork(fake_options(fakes, "fake-confidence", shared_cache), fakes, Cache(shared_cache),
+                    Progress(enabled=False), 0)
+    sources = {s.name: s for s in work.prepare().sources}
+    assert sorted(sources) == FAKE_SOURCES
+    test_labels = work.id_split("test").y
+    for source in sources.values():
+        for held, rest in ((source.holdout_positives, source.positives), (source.holdout_negatives, source.negatives)):
+            assert len(held) > 0 and not set(held.index) & set(rest.index), source.name
+            assert (np.diff(rest.index) > 0).all(), "the evaluated rest is sorted"
+    held = sources["fake-ood:fake-blank"].holdout_positives.index
+    assert len(held) == 20 and not (np.diff(held) > 0).all(), "the holdout keeps its random order"
+    assert set(test_labels[held[: len(held) // 2]]) == set(test_labels), "a half of the holdout spans every class"
+    attacked = sources["fake-adv:0.1"]
+    # clean image i is test image i; its attacked version is row i of the attacked set
+    held_clean = set(attacked.holdout_positives.index)
+    assert set(attacked.holdout_negatives.index) == held_clean, "a pair is held out whole"
+    assert not set(attacked.negatives.index) & held_clean, "a pair is split between tuning and rows"
+    assert list(attacked.holdout_negatives.index) == list(attacked.holdout_positives.index), "pairs in one order"

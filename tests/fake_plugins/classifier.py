@@ -1,6 +1,6 @@
 """A whole tiny benchmark as a third party would ship it, from ``oodbench.api`` alone: a generated dataset, two
-generated failure sets, a two-layer network with a linear head, three detectors, two failure sources and a benchmark
-file (``fake.toml``). A run of it takes well under a second of compute, so the core's tests (plan, tasks, store,
+generated failure sets, a two-layer network with a linear head, an attack, three detectors, three failure sources and
+a benchmark file (``fake.toml``). A run of it takes well under a second of compute, so the core's tests (plan, tasks, store,
 executors, isolation of failing plugins) exercise the whole pipeline without a built-in plugin."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from oodbench import hookimpl
-from oodbench.api import (Case, Dataset, DatasetContext, Detector, FailureSource, FitContext, ImageRequest, ImageSet,
+from oodbench.api import (Attack, Case, Classifier, Dataset, DatasetContext, Detector, FailureSource, FitContext, ImageRequest, ImageSet,
                           LayeredNetwork, Model, PluginError, Side, SourceContext, SplitView)
 
 BENCHMARK = Path(__file__).with_name("fake.toml")
@@ -122,13 +122,32 @@ class TinyNet(Model):
         x, y = train.tensor().to(device), torch.tensor(train.y).to(device)
         network.to(device).train()
         optimiser = torch.optim.Adam(network.parameters(), lr=0.03)
-        for _ in range(self.epochs):
-            loss = F.cross_entropy(network(x), y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+        # On one thread: tensors this small gain nothing from more, and on busy cores waiting for the others costs
+        # ~100x the step (the same weights whatever the run's thread count, too).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for _ in range(self.epochs):
+                loss = F.cross_entropy(network(x), y)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+        finally:
+            torch.set_num_threads(threads)
         progress(f"loss {loss.item():.3f}")
         network.eval()
+
+
+class Nudge(Attack):
+    """One step of ``eps`` along the sign of the cross-entropy's input gradient (FGSM), clipped to [0, 1]."""
+
+    name = "fake-nudge"
+
+    def perturb(self, model: Classifier, images: torch.Tensor, labels: torch.Tensor, eps: float,
+                generator: torch.Generator) -> torch.Tensor:
+        grad = model.input_gradient(images, lambda logits, _, y: F.cross_entropy(logits, y, reduction="none"),
+                                    targets=labels)
+        return (images + eps * grad.sign()).clamp(0, 1)
 
 
 class _NothingFitted(Detector):
@@ -220,6 +239,28 @@ class Foreign(FailureSource):
                 Side(self.images, np.arange(len(ctx.predictions[self.images]))))
 
 
+class Nudged(FailureSource):
+    """Attacked: the first ``[sources] attack_subset`` test images are the positives, their fake-nudge versions at
+    ``eps`` the negatives, each clean image paired with its attacked one (a holdout takes a pair whole)."""
+
+    name = "fake-adv"
+    kind = "adversarial"
+
+    def __init__(self, *, eps: float = 0.1):
+        self.eps = eps
+        self.images = f"fake-adv:{eps:g}"
+
+    def image_sets(self) -> list[ImageRequest]:
+        return [ImageRequest(self.images, attack="fake-nudge", eps=self.eps)]
+
+    def cases(self) -> list[Case]:
+        return [Case(self.images, f"fake-nudge at eps {self.eps:g}", ("test", self.images))]
+
+    def carve(self, case: Case, ctx: SourceContext) -> tuple[Side, Side]:
+        pairs = np.arange(len(ctx.attack_subset))
+        return Side("test", ctx.attack_subset, pairs=pairs), Side(self.images, pairs, pairs=pairs)
+
+
 class FakeClassifier:
     """Registers the tiny benchmark's plugins through the hooks, as an installed package's entry point would."""
 
@@ -233,14 +274,18 @@ class FakeClassifier:
         register(TinyNet)
 
     @hookimpl
+    def oodbench_register_attacks(self, register):
+        register(Nudge)
+
+    @hookimpl
     def oodbench_register_detectors(self, register):
         for detector in (Confidence, LayerEnergy, Centroid):
             register(detector)
 
     @hookimpl
     def oodbench_register_sources(self, register):
-        register(Wrong)
-        register(Foreign)
+        for source in (Wrong, Foreign, Nudged):
+            register(source)
 
     @hookimpl
     def oodbench_register_benchmarks(self, register):
