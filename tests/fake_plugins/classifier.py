@@ -1,5 +1,5 @@
 """A whole tiny benchmark as a third party would ship it, from ``oodbench.api`` alone: a generated dataset, two
-generated failure sets, a two-layer network with a linear head, an attack, three detectors, three failure sources and
+generated failure sets, a two-layer network with a linear head, an attack, four detectors, three failure sources and
 a benchmark file (``fake.toml``). A run of it takes well under a second of compute, so the core's tests (plan, tasks, store,
 executors, isolation of failing plugins) exercise the whole pipeline without a built-in plugin."""
 from __future__ import annotations
@@ -204,6 +204,33 @@ class Centroid(Detector):
         self.means = np.asarray(state["means"])
 
 
+class GradientNorm(Detector):
+    """Minus the norm of the max logit's input gradient, less its median on the training images: it needs the
+    classifier to score, so its stored state loads only with a ``FitContext`` carrying the classifier."""
+
+    name = "fake-gradnorm"
+    needs = frozenset({"images", "gradients"})
+
+    def _norms(self, model: Classifier, view: SplitView) -> np.ndarray:
+        grad = model.input_gradient(view.images.tensor(), lambda logits, _: logits.max(1).values)
+        return grad.flatten(1).norm(dim=1).double().numpy()
+
+    def fit(self, ctx: FitContext) -> None:
+        self.model = ctx.model
+        self.offset = float(np.median(self._norms(ctx.model, ctx.train)))
+
+    def score(self, view: SplitView) -> np.ndarray:
+        return self.offset - self._norms(self.model, view)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: FitContext | None = None) -> None:
+        if ctx is None or ctx.model is None:
+            raise PluginError("fake-gradnorm needs the classifier to load its state")
+        self.model, self.offset = ctx.model, float(state["offset"])
+
+
 class Wrong(FailureSource):
     """The classifier's mistakes on the test set: correct predictions are the positives, wrong ones the negatives."""
 
@@ -279,7 +306,7 @@ class FakeClassifier:
 
     @hookimpl
     def oodbench_register_detectors(self, register):
-        for detector in (Confidence, LayerEnergy, Centroid):
+        for detector in (Confidence, LayerEnergy, Centroid, GradientNorm):
             register(detector)
 
     @hookimpl
