@@ -260,7 +260,7 @@ def pytorch_ood_detector(pair: Pair, head: torch.nn.Linear, num_classes: int
 
 @contextlib.contextmanager
 def float_means_double() -> Iterator[None]:
-    """``Tensor.float()`` returns float64 inside (as tests/test_detector_posthoc_features.py runs pytorch-ood's ViM)."""
+    """``Tensor.float()`` returns float64 inside (as plugins/tests/test_detector_posthoc_features.py runs pytorch-ood's ViM)."""
     original = torch.Tensor.float
     torch.Tensor.float = torch.Tensor.double
     try:

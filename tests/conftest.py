@@ -1,44 +1,10 @@
-import os
-from pathlib import Path
-
+"""The core's suite: the fixtures every folder shares are in the repository's root ``conftest.py``; these are the
+core's own."""
 import pytest
-import torch
-import torchvision.datasets as tvd
-from torchvision_fakes import md5
-
-# Two cores in CI: one intra-op thread per test process keeps timings stable and avoids oversubscription.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+from fake_plugins import fake_registry as _fake_registry
 
 
 @pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory) -> Path:
-    """One cache for the session: the digits CNN trains once and every test reuses it."""
-    return tmp_path_factory.mktemp("oodbench-cache")
-
-
-@pytest.fixture(scope="session")
-def registry():
-    from oodbench.plugins import build_registry
-
-    return build_registry(strict=True)
-
-
-# torchvision checks the md5 of CIFAR batches and SVHN .mat files against the official releases,
-# which fakes cannot match: these make it expect the fakes' md5s, so its check still runs on each read.
-@pytest.fixture
-def cifar_md5_of_fakes(monkeypatch):
-    """Make torchvision expect the md5s of the fake files written under ``root``."""
-    def patch(root: Path, cls=tvd.CIFAR10):
-        folder = root / cls.base_folder
-        monkeypatch.setattr(cls, "train_list", [[n, md5(folder / n)] for n, _ in cls.train_list])
-        monkeypatch.setattr(cls, "test_list", [[n, md5(folder / n)] for n, _ in cls.test_list])
-        monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(folder / cls.meta["filename"])})
-    return patch
-
-
-@pytest.fixture
-def svhn_md5_of_fakes(monkeypatch):
-    def patch(root: Path, split="test"):
-        url, name, _ = tvd.SVHN.split_list[split]
-        monkeypatch.setattr(tvd.SVHN, "split_list", {**tvd.SVHN.split_list, split: [url, name, md5(root / name)]})
-    return patch
+def fakes():
+    """A registry with the fake plugins of ``fake_plugins/`` (the ``fake`` benchmark and misbehaving sources)."""
+    return _fake_registry()

@@ -62,9 +62,10 @@ def test_out_of_memory_at_one_image_is_a_clear_error():
 
 
 def _conv_net():
-    from oodbench_plugins.models.small_cnn import SmallCNN
+    """The fake benchmark's network (a convolution, a hidden layer, a linear head), untrained."""
+    from fake_plugins.classifier import TinyNet
 
-    return SmallCNN(width=8).build((3, 16, 16), 5, seed=0).eval()
+    return TinyNet(width=8).build((3, 16, 16), 5, seed=0).eval()
 
 
 def test_bf16_and_channels_last_change_only_the_last_bits_and_return_float32():

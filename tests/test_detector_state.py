@@ -1,80 +1,18 @@
-"""Fitted detectors as stored artifacts: every built-in round-trips to identical scores, the store never pickles,
-and a run whose scores are gone loads the fitted state instead of fitting again."""
+"""Fitted detectors as stored artifacts: the store never pickles, and a run whose scores are gone loads the fitted
+state instead of fitting again. Every built-in's round trip: plugins/tests/test_builtin_detector_state.py."""
 import io
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from fake_plugins import fake_options, fake_registry
 
 from oodbench import hookimpl
 from oodbench.api import Detector, PluginError
 from oodbench.detector_state import JSON_KEY, from_arrays, to_arrays
 from oodbench.leaderboard import results_frame
-from oodbench.plugins import build_registry
 from oodbench.runner import run_benchmark
-from oodbench.testing import check_state_round_trip
-from oodbench_plugins.detectors.mahalanobis_ensemble import _fit_regression, _Regression
-from test_run import _options
-
-#: Options small enough for one fit and one load in about a second; a round trip needs no good detector.
-TINY = {
-    "vae": {"epochs": 2, "hidden": 16, "latent": 4},
-    "maf": {"epochs": 2, "hidden": 16, "layers": 2},
-    "pixelcnn": {"epochs": 1, "nr_filters": 8},
-    "pixel-vae": {"steps": 20, "hidden": 16, "latent": 2},
-    "waic": {"M": 2, "member_options": {"k": 2}},
-    "odin": {"temperatures": (1, 1000), "epsilons": (0.0, 0.002)},
-    "odin-nood": {"temperatures": (1, 1000), "epsilons": (0.0, 0.002)},
-    "mahalanobis-pre": {"epsilons": (0.0, 0.002)},
-    "mahalanobis-ensemble": {"epsilons": (0.0, 0.002)},
-    "mahalanobis-ensemble-nood": {"epsilons": (0.0, 0.002)},
-}
-#: Variants whose state has parts the defaults leave out.
-VARIANTS = {
-    "maf with batch norm": ("maf", {"epochs": 2, "hidden": 16, "layers": 2, "batch_norm": True}),
-    "waic of VAEs": ("waic", {"M": 2, "member": "vae", "member_options": {"epochs": 1, "hidden": 8, "latent": 2}}),
-    "waic of pixel VAEs": ("waic", {"M": 2, "member": "pixel-vae", "member_options": {"steps": 5, "hidden": 8,
-                                                                                     "latent": 2}}),
-    "gmm in float64": ("gmm", {"k": 3, "dtype": "float64"}),
-}
-BUILTIN = ["ash-b", "ash-p", "ash-s", "dice", "energy", "entropy", "fdbd", "gen", "gmm", "gmm-100", "gmm-1000",
-           "gradnorm", "kl-matching", "knn", "logits", "maf", "mahalanobis", "mahalanobis-ensemble",
-           "mahalanobis-ensemble-nood", "mahalanobis-pre", "maxlogit", "msp", "nci", "nnguide", "odin", "odin-nood",
-           "pixel-vae", "pixelcnn", "react", "rmds", "scale", "she", "temperature", "vae", "vim", "waic", "zheng"]
-
-
-def test_every_builtin_detector_stores_its_state(registry):
-    builtin = [n for n in registry.names("detectors") if registry.get("detectors", n).provider == "oodbench"]
-    assert sorted(builtin) == BUILTIN, "a new built-in detector: add it to BUILTIN (and to TINY if it trains)"
-    assert [n for n in BUILTIN if not registry.get("detectors", n).target.stores_state()] == []
-
-
-@pytest.mark.parametrize("name", BUILTIN)
-def test_a_stored_fit_scores_exactly_as_the_fit(registry, name):
-    entry = registry.get("detectors", name)
-    assert check_state_round_trip(entry.target, {**entry.defaults, **TINY.get(name, {})}) == []
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_a_stored_fit_scores_exactly_as_the_fit_in_variants(registry, variant):
-    name, options = VARIANTS[variant]
-    assert check_state_round_trip(registry.get("detectors", name).target, options) == []
-
-
-def test_gradient_detectors_need_the_classifier_to_load(registry):
-    odin = registry.get("detectors", "odin").target()
-    with pytest.raises(PluginError, match="needs the classifier"):
-        odin.load_state_dict(odin.state_dict())
-
-
-def test_the_stored_regression_scores_as_scikit_learn_to_the_bit():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(80, 3)) * [1.0, 100.0, 0.01]
-    y = (x[:, 0] + rng.normal(size=80) > 0).astype(float)
-    pipeline = _fit_regression(x, y)
-    test = rng.normal(size=(500, 3)) * [1.0, 100.0, 0.01]
-    assert np.array_equal(_Regression.of(pipeline).decision_function(test), pipeline.decision_function(test))
 
 
 # -- the serialiser ---------------------------------------------------------------------
@@ -155,16 +93,17 @@ class Counting:
 
 
 def test_a_run_without_scores_loads_the_fitted_state_instead_of_fitting(shared_cache, tmp_path):
-    registry = build_registry(extra_plugins=[Counting()], strict=True)
-    detectors = "counting,mahalanobis-pre[epsilons=(0.0,0.002)]"
+    """fake-gradnorm's state loads only with the classifier (as ODIN's and Mahalanobis's preprocessing do)."""
+    registry = fake_registry(Counting())
+    detectors = "counting,fake-gradnorm"
     fits = CountingFits.fits
-    first = run_benchmark(_options(registry, detectors, shared_cache, executor="inline"), registry)
+    first = run_benchmark(fake_options(registry, detectors, shared_cache, executor="inline"), registry)
     assert CountingFits.fits == fits + 1
     cache = tmp_path / "cache"
     shutil.copytree(shared_cache, cache)  # the trained classifier and its outputs come along
     shutil.rmtree(cache / "scores")
     assert len(list((cache / "fitted").glob("fitted-*.npz"))) >= 2
-    second = run_benchmark(_options(registry, detectors, cache, executor="inline"), registry)
+    second = run_benchmark(fake_options(registry, detectors, cache, executor="inline"), registry)
     assert CountingFits.fits == fits + 1, "the second run fitted again instead of loading the stored state"
     assert results_frame(second.rows).equals(results_frame(first.rows))
     assert (results_frame(second.rows)["status"] == "ok").all()

@@ -13,9 +13,9 @@ from oodbench import hookimpl
 from oodbench.api import Detector, Executor
 from oodbench.leaderboard import csv_text, results_frame
 from oodbench.plan import make_plan, summary
-from oodbench.plugins import build_registry
 from oodbench.runner import run_benchmark
 from oodbench.tasks import Job
+from fake_plugins import fake_options, fake_registry
 from test_run import _options
 
 
@@ -102,18 +102,21 @@ class Misbehaving:
 
 @pytest.fixture(scope="module")
 def misbehaving():
-    return build_registry(extra_plugins=[Misbehaving()], strict=True)
+    """The fake benchmark's plugins (``fake_plugins/``) and the misbehaving ones above."""
+    return fake_registry(Misbehaving())
 
 
 @pytest.fixture(scope="module")
-def clean_msp(registry, shared_cache):
-    return results_frame(run_benchmark(_options(registry, "msp", shared_cache, executor="inline"), registry).rows)
+def clean(fakes, shared_cache):
+    """fake-confidence's rows of the fake benchmark, run in this process."""
+    return results_frame(run_benchmark(fake_options(fakes, "fake-confidence", shared_cache, executor="inline"),
+                                       fakes).rows)
 
 
 def test_a_plugin_that_kills_crashes_interrupts_or_hangs_its_worker_costs_only_its_rows(misbehaving, shared_cache,
-                                                                                          clean_msp):
-    result = run_benchmark(_options(misbehaving, "quitter,msp,crasher,interrupter,sleeper", shared_cache,
-                                    task_timeout=20), misbehaving)
+                                                                                          clean):
+    result = run_benchmark(fake_options(misbehaving, "quitter,fake-confidence,crasher,interrupter,sleeper",
+                                        shared_cache, task_timeout=20), misbehaving)
     frame = results_frame(result.rows).set_index(["detector", "source"])
     errors = {name: set(frame.loc[name, "error"]) for name in ("quitter", "crasher", "interrupter", "sleeper")}
     assert errors["quitter"] == {"task failed: the worker process exited with status 3"}
@@ -122,9 +125,9 @@ def test_a_plugin_that_kills_crashes_interrupts_or_hangs_its_worker_costs_only_i
         errors["interrupter"] == {"task failed: KeyboardInterrupt"}
     assert errors["sleeper"] == {"task failed: ran past --task-timeout 20 s and was stopped"}
     for name in errors:  # every source of the seed has its row, each an error with empty metrics
-        assert len(frame.loc[name]) == len(clean_msp) and frame.loc[name, "auroc"].isna().all()
-    mine = frame.loc[["msp"]].reset_index()
-    assert csv_text(mine[clean_msp.columns]) == csv_text(clean_msp), "the rest of the run equals a clean run"
+        assert len(frame.loc[name]) == len(clean) == 4 and frame.loc[name, "auroc"].isna().all()
+    mine = frame.loc[["fake-confidence"]].reset_index()
+    assert csv_text(mine[clean.columns]) == csv_text(clean), "the rest of the run equals a clean run"
     per_task = result.meta["executor"]["per_task"]
     # The misbehaving detectors store no fit: one detector task each, all four failed; every other task ran.
     assert [(t["detector"], t["status"]) for t in per_task if t["kind"] == "detector"] == \
@@ -132,34 +135,36 @@ def test_a_plugin_that_kills_crashes_interrupts_or_hangs_its_worker_costs_only_i
     assert all(t["status"] == "ok" for t in per_task if t["kind"] != "detector")
 
 
-def test_local_inline_and_dask_give_byte_identical_results(registry, shared_cache, clean_msp):
-    names = "msp,gmm,mahalanobis"
+def test_local_inline_and_dask_give_byte_identical_results(fakes, shared_cache):
+    names = "fake-confidence,fake-centroid,fake-layers"
     # At equal torch threads (a few fits round differently on other thread counts: see --threads).
     frames = {name: csv_text(results_frame(run_benchmark(
-        _options(registry, names, shared_cache, seeds=[0, 1], executor=name, workers=2, threads=1), registry).rows))
+        fake_options(fakes, names, shared_cache, seeds=[0, 1], executor=name, workers=2, threads=1), fakes).rows))
         for name in ("inline", "local", "dask")}
+    assert frames["inline"].count("\n") == 1 + 3 * 4 * 2 and frames["inline"].count(",ok,") == 3 * 4 * 2
     assert frames["local"] == frames["inline"]
     assert frames["dask"] == frames["inline"]
 
 
 def test_a_plugin_executor_that_runs_tasks_in_another_order_gives_the_same_rows(misbehaving, shared_cache):
     assert misbehaving.get("executors", "backwards").provider != "oodbench"
-    inline = run_benchmark(_options(misbehaving, "msp,gmm", shared_cache, executor="inline"), misbehaving)
-    backwards = run_benchmark(_options(misbehaving, "msp,gmm", shared_cache, executor="backwards"), misbehaving)
+    names = "fake-confidence,fake-centroid"
+    inline = run_benchmark(fake_options(misbehaving, names, shared_cache, executor="inline"), misbehaving)
+    backwards = run_benchmark(fake_options(misbehaving, names, shared_cache, executor="backwards"), misbehaving)
     assert csv_text(results_frame(backwards.rows)) == csv_text(results_frame(inline.rows))
     labels = [t["label"] for t in backwards.meta["executor"]["per_task"]]
-    assert labels[:2] == ["classifier seed 0", "extract train seed 0"] and labels[-1] == "gmm on mistakes:contrast-3 seed 0"
+    assert labels[:2] == ["classifier seed 0", "extract train seed 0"]
+    assert labels[-1] == "fake-centroid on fake-adv:0.1 seed 0"
 
 
-def test_dask_reruns_a_task_whose_worker_died(registry, misbehaving, shared_cache, tmp_path):
+def test_dask_reruns_a_task_whose_worker_died(misbehaving, shared_cache, tmp_path, clean):
     marker = tmp_path / "died"
-    result = run_benchmark(_options(misbehaving, f"msp,dies-once[marker={str(marker)!r}]", shared_cache,
-                                    executor="dask", workers=2), misbehaving)
+    result = run_benchmark(fake_options(misbehaving, f"fake-confidence,dies-once[marker={str(marker)!r}]",
+                                        shared_cache, executor="dask", workers=2), misbehaving)
     assert marker.exists(), "the first attempt killed its worker"
     frame = results_frame(result.rows)
     assert (frame["status"] == "ok").all(), frame[frame["status"] != "ok"]["error"].unique()
-    clean = results_frame(run_benchmark(_options(registry, "msp", shared_cache, executor="inline"), registry).rows)
-    rerun = frame[frame["detector"] == "msp"].reset_index(drop=True)
+    rerun = frame[frame["detector"] == "fake-confidence"].reset_index(drop=True)
     assert csv_text(rerun[clean.columns]) == csv_text(clean)
 
 
@@ -171,19 +176,15 @@ def test_the_plan_is_made_before_any_data_is_loaded(misbehaving, tmp_path, monke
 
     for method in ("id_split", "classifier", "_load_ood_set", "adversarial", "outputs"):
         monkeypatch.setattr(runner.SeedWork, method, no_loading)
-    options = _options(misbehaving, "msp,gmm,quitter", tmp_path, seeds=[0, 1, 2])
+    options = fake_options(misbehaving, "fake-confidence,fake-centroid,quitter", tmp_path, seeds=[0, 1, 2])
     tasks = make_plan(Job(options, misbehaving))
-    bench = options.benchmark
-    sources = ["mistakes", *(f"ood:{r.name}" for r in bench.ood),
-               *(f"adv:{a.plugin}:{e:g}:{w}" for a in bench.attacks for e in a.eps for w in ("flipped", "all")),
-               "shift:contrast-3", "mistakes:contrast-3"]  # the covariate-shift plugin's two readings
-    assert len(sources) == 20
-    # Per seed: the classifier; train, val, test, each OOD set and the shifted test set extracted; each
-    # (attack, eps); the sources;
-    # msp and gmm store their fits (fit, then one evaluate per source); quitter stores none (one detector task).
-    assert summary(tasks) == {"classifier": 3, "extract": 3 * (3 + len(bench.ood) + 1), "attack": 3 * 6, "sources": 3,
+    sources = ["fake-wrong", "fake-ood:fake-blank", "fake-ood:fake-noise", "fake-adv:0.1"]  # in the file's order
+    # Per seed: the classifier; train, val, test and the two generated sets extracted; the attack; the sources;
+    # fake-confidence and fake-centroid store their fits (fit, then one evaluate per source); quitter stores
+    # none (one detector task).
+    assert summary(tasks) == {"classifier": 3, "extract": 3 * (3 + 2), "attack": 3, "sources": 3,
                               "fit": 3 * 2, "evaluate": 3 * 2 * len(sources), "detector": 3}
-    assert [t.source for t in tasks if t.kind == "evaluate" and t.seed == 1 and t.detector == "gmm"] == sources
+    assert [t.source for t in tasks if t.kind == "evaluate" and t.seed == 1 and t.detector == "fake-centroid"] == sources
     by_key = {t.key: t for t in tasks}
     assert len(by_key) == len(tasks), "task keys are unique"
     parents = {"classifier": set(), "extract": {"classifier"}, "attack": {"classifier"},
@@ -193,9 +194,11 @@ def test_the_plan_is_made_before_any_data_is_loaded(misbehaving, tmp_path, monke
         assert {by_key[d].kind for d in task.deps} == parents[task.kind], task.label
     fit = {t.detector: t.key for t in tasks if t.kind == "fit" and t.seed == 0}
     assert all(t.deps == (fit[t.detector],) for t in tasks if t.kind == "evaluate" and t.seed == 0)
-    without_store = make_plan(Job(_options(misbehaving, "msp,gmm,quitter", None, seeds=[0]), misbehaving))
+    without_store = make_plan(Job(fake_options(misbehaving, "fake-confidence,fake-centroid,quitter", None, seeds=[0]),
+                                  misbehaving))
     assert summary(without_store) == {"sources": 1, "detector": 3}, "no store: nothing to hand over, coarse tasks"
-    again = make_plan(Job(_options(misbehaving, "msp,gmm,quitter", tmp_path, seeds=[0, 1, 2]), misbehaving))
+    again = make_plan(Job(fake_options(misbehaving, "fake-confidence,fake-centroid,quitter", tmp_path,
+                                       seeds=[0, 1, 2]), misbehaving))
     assert [t.key for t in again] == [t.key for t in tasks], "keys are stable across plans"
 
 

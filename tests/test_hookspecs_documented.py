@@ -28,5 +28,6 @@ def test_hook_is_documented_with_matching_arguments(name):
 def test_hook_is_implemented_by_a_builtin_and_covered_by_a_test(name, registry):
     kind = name.removeprefix("oodbench_register_")
     assert registry.names(kind), f"no built-in plugin implements {name}"
-    tests = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != Path(__file__).name)
+    tests = "\n".join(p.read_text() for folder in ("tests", "plugins/tests") for p in (ROOT / folder).glob("test_*.py")
+                      if p != Path(__file__).resolve())
     assert f'"{kind}"' in tests, f"no test looks up {kind}"

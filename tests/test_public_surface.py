@@ -24,8 +24,11 @@ def _is_test(path: Path) -> bool:
 
 
 def _plugin_files() -> list[Path]:
+    """Every module of the built-ins and the examples, but the built-ins' tests (``plugins/tests``): not part of
+    the package, they are the project's suite and drive the built-ins through the core's runner like ``tests/``."""
     files = sorted((ROOT / "plugins").rglob("*.py")) + sorted((ROOT / "examples").rglob("*.py"))
-    return [f for f in files if ".egg-info" not in str(f) and "build" not in f.relative_to(ROOT).parts]
+    return [f for f in files if ".egg-info" not in str(f) and "build" not in f.relative_to(ROOT).parts
+            and ROOT / "plugins" / "tests" not in f.parents]
 
 
 def _core_imports(path: Path) -> list[tuple[int, str, list[str]]]:

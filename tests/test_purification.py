@@ -1,5 +1,5 @@
-"""Feature purification (the feature-GMM paper's Appendix B): the descent against its closed form, the GMM's
-density gradient against scikit-learn's mixture, and ``oodbench purify`` on a run folder."""
+"""Feature purification (the feature-GMM paper's Appendix B): the descent against its closed form, and ``oodbench
+purify`` on a run folder (the gmm's density gradient is checked beside it, plugins/tests/test_detector_gmm.py)."""
 import json
 import math
 
@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from sklearn.mixture import GaussianMixture
 
 from oodbench.purification import purify
 from test_cli import run_cli
@@ -30,31 +29,6 @@ def test_descent_on_one_gaussian_follows_its_closed_form():
         optimum = (mu * c + 2 * nu * start) / a
         expected = optimum + (1 - eta * a) ** steps * (start - optimum)
         np.testing.assert_allclose(purified, expected, rtol=1e-10, atol=1e-12)
-
-
-def test_gmm_log_density_and_its_gradient_match_scikit_learn(registry):
-    # The fitted mixture's log_density against sklearn's score_samples on the same parameters, and its autograd
-    # gradient against the mixture's closed form grad log p(x) = sum_k r_k(x) (mu_k - x) / var_k.
-    from oodbench.api import FitContext, SplitView
-
-    rng = np.random.default_rng(1)
-    train = np.concatenate([rng.normal(0, 1, (300, 3)), rng.normal(4, 0.5, (300, 3))]).astype(np.float32)
-    view = SplitView("train", np.zeros((600, 2), np.float32), train, None)
-    detector = registry.get("detectors", "gmm").target(k=2, dtype="float64")
-    detector.fit(FitContext(view, view, 2, 0, torch.device("cpu")))
-    gmm = detector.gmm
-    reference = GaussianMixture(2, covariance_type="diag")
-    reference.weights_, reference.means_ = gmm.weights.numpy(), gmm.means.numpy()
-    reference.covariances_ = gmm.variances.numpy()
-    reference.precisions_cholesky_ = 1 / np.sqrt(gmm.variances.numpy())
-    x = rng.normal(2, 2, (50, 3))
-    features = torch.tensor(x, requires_grad=True)
-    log_p = detector.log_density(features)
-    np.testing.assert_allclose(log_p.detach().numpy(), reference.score_samples(x), rtol=1e-10)
-    (gradient,) = torch.autograd.grad(log_p.sum(), features)
-    r = reference.predict_proba(x)
-    expected = sum(r[:, [k]] * (reference.means_[k] - x) / reference.covariances_[k] for k in range(2))
-    np.testing.assert_allclose(gradient.numpy(), expected, rtol=1e-8, atol=1e-10)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import fsspec
 import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
+from fake_plugins import fake_options
 from test_bad_input import assert_refused, run_cli
 from test_cache import SCORES, STATE, Counting, _same
-from test_run import _options
 
 from oodbench.cache import Cache, CacheWarning, checksum_path, make_key
 from oodbench.leaderboard import csv_text, results_frame
@@ -188,15 +188,15 @@ def test_a_run_with_an_unknown_scheme_is_refused_before_any_work(tmp_path):
 
 
 def test_a_run_on_a_url_store_equals_one_on_a_local_folder_and_a_second_computes_nothing(
-        registry, shared_cache, tmp_path, monkeypatch):
+        fakes, shared_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("OODBENCH_CACHE_DIR", str(tmp_path))  # where a URL store's training state goes
     url = f"memory://run-test-{uuid.uuid4().hex[:8]}"
     try:
-        local = run_benchmark(_options(registry, "msp", shared_cache, executor="inline"), registry)
-        first = run_benchmark(_options(registry, "msp", url, executor="inline"), registry)
+        local = run_benchmark(fake_options(fakes, "fake-confidence,fake-centroid", shared_cache, executor="inline"), fakes)
+        first = run_benchmark(fake_options(fakes, "fake-confidence,fake-centroid", url, executor="inline"), fakes)
         assert first.meta["cache"]["dir"] == url and first.meta["cache"]["misses"] > 0
         assert csv_text(results_frame(first.rows)) == csv_text(results_frame(local.rows))
-        second = run_benchmark(_options(registry, "msp", url, executor="inline"), registry)
+        second = run_benchmark(fake_options(fakes, "fake-confidence,fake-centroid", url, executor="inline"), fakes)
         assert second.meta["cache"]["misses"] == 0 and second.meta["cache"]["hits"] > 0
         assert csv_text(results_frame(second.rows)) == csv_text(results_frame(local.rows))
         assert fsspec.core.url_to_fs(url)[0].exists(f"{url}/model"), "the weights are in the store"

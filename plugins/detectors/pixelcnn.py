@@ -254,7 +254,7 @@ class PixelCNNPP(Detector):
     8x8 digits of the default benchmark, ~3.6 bits/dim;
     "paper": nr_resnet=5, nr_filters=160, nr_logistic_mix=10, batch_size=16, lr=1e-3,
     dropout=0.5, epochs=100, for GPUs; 53,618,660 parameters on RGB: the authors' model's 53,659,080
-    less its 40,420 weight-norm gains, tests/test_pixelcnn_paper_config.py; the paper benchmark files run
+    less its 40,420 weight-norm gains, plugins/tests/test_pixelcnn_paper_config.py; the paper benchmark files run
     it with the feature-GMM paper's lr 1e-4 and dropout 0.5, shortened from its 5,000 epochs);
     ``nr_resnet``, ``nr_filters``, ``nr_logistic_mix``,
     ``epochs``, ``batch_size``, ``lr``, ``dropout`` override the config when given; ``seed``

@@ -11,7 +11,7 @@ import pytest
 
 from oodbench.plugins import build_registry
 
-DEVIATIONS = Path(__file__).resolve().parents[1] / "DEVIATIONS.md"
+DEVIATIONS = Path(__file__).resolve().parents[2] / "DEVIATIONS.md"
 KINDS = ("detectors", "models", "attacks", "datasets", "sources")
 # "Deviation:", "Deviations:", "Deviations from the paper (explicit):", "Deviations and choices:"
 LABEL = re.compile(r"\bDeviations?\b")

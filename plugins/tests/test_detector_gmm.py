@@ -242,3 +242,26 @@ def test_zheng_scores_under_the_predicted_class_mixture():
     far = detector.score(_view(np.full((1, 3), 30.0), np.array([[4.0, 0.0]])))
     assert far[0] < scores[predicted == true].min()
     assert detector.metadata()["k_fitted"] == [2, 2]
+
+
+def test_gmm_log_density_and_its_gradient_match_scikit_learn(registry):
+    # The fitted mixture's log_density against sklearn's score_samples on the same parameters, and its autograd
+    # gradient against the mixture's closed form grad log p(x) = sum_k r_k(x) (mu_k - x) / var_k.
+    rng = np.random.default_rng(1)
+    train = np.concatenate([rng.normal(0, 1, (300, 3)), rng.normal(4, 0.5, (300, 3))]).astype(np.float32)
+    view = SplitView("train", np.zeros((600, 2), np.float32), train, None)
+    detector = registry.get("detectors", "gmm").target(k=2, dtype="float64")
+    detector.fit(FitContext(view, view, 2, 0, torch.device("cpu")))
+    gmm = detector.gmm
+    reference = GaussianMixture(2, covariance_type="diag")
+    reference.weights_, reference.means_ = gmm.weights.numpy(), gmm.means.numpy()
+    reference.covariances_ = gmm.variances.numpy()
+    reference.precisions_cholesky_ = 1 / np.sqrt(gmm.variances.numpy())
+    x = rng.normal(2, 2, (50, 3))
+    features = torch.tensor(x, requires_grad=True)
+    log_p = detector.log_density(features)
+    np.testing.assert_allclose(log_p.detach().numpy(), reference.score_samples(x), rtol=1e-10)
+    (gradient,) = torch.autograd.grad(log_p.sum(), features)
+    r = reference.predict_proba(x)
+    expected = sum(r[:, [k]] * (reference.means_[k] - x) / reference.covariances_[k] for k in range(2))
+    np.testing.assert_allclose(gradient.numpy(), expected, rtol=1e-8, atol=1e-10)

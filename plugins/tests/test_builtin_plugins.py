@@ -245,7 +245,7 @@ def test_paper_benchmarks_use_kurakins_bim_and_digits_keeps_the_fixed_one(regist
         assert bim_options(registry.get("benchmarks", name).target) == "kurakin", name
     for name in ("digits", "digits-train"):  # published numbers: unchanged
         assert bim_options(registry.get("benchmarks", name).target) == "fixed", name
-    assert bim_options(Path(__file__).resolve().parents[1] / "examples" / "cifar10-resnet20-npz.toml") == "fixed"
+    assert bim_options(Path(__file__).resolve().parents[2] / "examples" / "cifar10-resnet20-npz.toml") == "fixed"
 
 def test_small_cnn_exposes_logits_and_features(registry):
     model = instantiate(registry.get("models", "small-cnn"), {"width": 4})
