@@ -528,10 +528,17 @@ class SeedWork:
         fitting = self._fitting(spec, fit_report)
         fitted, state, det_key, needs, cls = fitting.fitted, fitting.state, fitting.det_key, fitting.needs, fitting.cls
         base = detector_fields(self.registry, spec, self.seed)
+        # A whole image set's scores, once per task: sources share sets (every source's positives are test images),
+        # and without a store (--no-cache) nothing else would keep them between sources.
+        scored: dict[str, np.ndarray] = {}
 
         def scores_of(view: SplitView, tag: str, extra_key: str = "") -> np.ndarray:
             key = make_key("scores", detector=det_key, view=view.key, extra=extra_key)
+            if key not in scored:
+                scored[key] = score_set(key, view, tag)
+            return scored[key]
 
+        def score_set(key: str, view: SplitView, tag: str) -> np.ndarray:
             def compute() -> dict[str, np.ndarray]:
                 detector = fitted()
                 with handle.activity(f"detector:{spec.label}:score"):
