@@ -110,6 +110,21 @@ def _authors_tpr95(pos, neg):
     return float(fpr[band].sum() / band.sum())
 
 
+@given(st.lists(st.floats(-4, 4, allow_nan=False), min_size=1, max_size=50),
+       st.lists(st.floats(-4, 4, allow_nan=False), min_size=1, max_size=50), st.integers(0, 3))
+@settings(max_examples=300, deadline=None)
+def test_point_metrics_equal_scikit_learns(pos, neg, grid):
+    # our AUROC and average precisions repeat scikit-learn's arithmetic without its input validation; rounding the
+    # scores to a grid makes ties, where the curves' construction matters most
+    pos, neg = np.asarray(pos), np.asarray(neg)
+    if grid:
+        pos, neg = np.round(pos * grid) / grid, np.round(neg * grid) / grid
+    y, s = np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]
+    assert metrics.auroc(pos, neg) == pytest.approx(roc_auc_score(y, s), rel=1e-12, abs=1e-15)
+    assert metrics.aupr_in(pos, neg) == pytest.approx(average_precision_score(y, s), rel=1e-12, abs=1e-15)
+    assert metrics.aupr_out(pos, neg) == pytest.approx(average_precision_score(1 - y, -s), rel=1e-12, abs=1e-15)
+
+
 def test_detection_error_is_the_minimum_over_thresholds():
     pos, neg = np.array([1.0, 5.0, 6.0, 7.0]), np.array([0.0, 2.0, 3.0, 4.0])
     # At the first threshold with TPR >= 95% (1.0: every positive) three negatives are accepted:
