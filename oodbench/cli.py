@@ -414,6 +414,16 @@ def cmd_leaderboard_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_rerun_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a command that re-runs (or reads back) a run folder's work: data, cache, device, quiet."""
+    parser.add_argument("--data-dir", default=os.environ.get("OODBENCH_DATA_DIR", "."),
+                        help="folder relative data paths are read from (default . or OODBENCH_DATA_DIR)")
+    parser.add_argument("--cache-dir", help="cache folder (default: the user cache dir, or OODBENCH_CACHE_DIR)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute everything and store nothing")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="oodbench",
@@ -519,12 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--metric", default="auroc", choices=["auroc", "aupr_in", "aupr_out", "fpr_at_95tpr",
                                                               "detection_error"])
     verify.add_argument("--all", action="store_true", help="print every row, not only those that moved")
-    verify.add_argument("--data-dir", default=os.environ.get("OODBENCH_DATA_DIR", "."),
-                        help="folder relative data paths are read from (default . or OODBENCH_DATA_DIR)")
-    verify.add_argument("--cache-dir", help="cache folder (default: the user cache dir, or OODBENCH_CACHE_DIR)")
-    verify.add_argument("--no-cache", action="store_true", help="recompute everything and store nothing")
-    verify.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
-    verify.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    _add_rerun_options(verify)
     verify.set_defaults(func=cmd_leaderboard_verify)
     show = board_sub.add_parser("show", help="detectors x sources table of one metric, mean ± std over seeds")
     show.add_argument("file")
@@ -549,12 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "comma-separated (default 0,0.01,0.1,1)")
     purify.add_argument("--steps", type=int, default=100, help="gradient steps (default 100, the paper's)")
     purify.add_argument("--out", "-o", help="CSV to write (default RUN_DIR/purification.csv)")
-    purify.add_argument("--data-dir", default=os.environ.get("OODBENCH_DATA_DIR", "."),
-                        help="folder relative data paths are read from (default . or OODBENCH_DATA_DIR)")
-    purify.add_argument("--cache-dir", help="cache folder (default: the user cache dir, or OODBENCH_CACHE_DIR)")
-    purify.add_argument("--no-cache", action="store_true", help="recompute everything and store nothing")
-    purify.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
-    purify.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    _add_rerun_options(purify)
     purify.set_defaults(func=cmd_purify)
 
     lst = sub.add_parser("list", help="list installed plugins", description="List every dataset, model, attack, "
