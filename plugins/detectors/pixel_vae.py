@@ -42,7 +42,7 @@ class _BernoulliVAE(_GaussianVAE):
 
 
 class PixelVAE(Detector):
-    """VAE on binarised pixels; score = 16-sample IWAE bound on log p(image).
+    """VAE on binarised pixels, Generative Ensembles' MNIST model (Choi & Jang 2018); score = 16-sample IWAE bound.
 
     Paper: Choi, Jang & Alemi, "WAIC, but Why? Generative Ensembles for Robust Anomaly
     Detection" (arXiv 1810.01392), Section 4: "For MNIST and Fashion MNIST datasets, we use a
