@@ -45,11 +45,6 @@ N_RESAMPLES = 1000
 CI_LEVEL = 0.95
 
 
-def _labels_scores(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
-    return y, np.concatenate([pos, neg]).astype(np.float64)
-
-
 def _curve_counts(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false positives, true positives) accepted at each distinct score as threshold, highest first:
     scikit-learn's ``_binary_clf_curve`` step for step (a stable sort, float64 cumulative counts)."""
