@@ -355,6 +355,7 @@ def cmd_leaderboard_verify(args: argparse.Namespace) -> int:
 def cmd_purify(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
+    from .api import PluginError
     from .cache import Cache, atomic_write
     from .progress import Progress
     from .purification import (SOURCE_HEADERS, density_detectors, frame, grid, parse_floats, seed_rows,
@@ -393,7 +394,12 @@ def cmd_purify(args: argparse.Namespace) -> int:
     rows = []
     for seed in seeds:
         with progress.status(f"purification, seed {seed}") as say:
-            rows += seed_rows(SeedWork(opts, registry, cache, progress, seed), spec, settings, say)
+            try:
+                rows += seed_rows(SeedWork(opts, registry, cache, progress, seed), spec, settings, say)
+            except PluginError:
+                raise
+            except Exception as exc:  # a plugin's own error (the density, the classifier): one line, not a traceback
+                raise PluginError(f"purify with {label}, seed {seed}: {type(exc).__name__}: {exc}") from exc
     table = frame(rows)
     atomic_write(out, lambda f: table.to_csv(f, index=False, float_format="%.6g"), mode="w")
     headers, setting_rows, source_rows = summary(table)

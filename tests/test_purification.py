@@ -84,3 +84,18 @@ def test_purify_refuses_bad_input_in_one_line(digits_run, shared_cache, tmp_path
         assert message in done.stderr and "Traceback" not in done.stderr
     done = run_cli("purify", str(tmp_path), "-q")
     assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+def test_a_density_that_raises_is_one_line_and_exit_1(digits_run, shared_cache, monkeypatch, capsys):
+    from oodbench.cli import main
+    from oodbench_plugins.detectors.gmm import FeatureGMM
+
+    def broken(self, features):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(FeatureGMM, "log_density", broken)
+    code = main(["purify", str(digits_run), "--lr", "0.1", "--nu", "0", "--steps", "1", "--cache-dir",
+                 str(shared_cache), "-q"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip() == "oodbench: error: purify with gmm, seed 0: RuntimeError: boom"
